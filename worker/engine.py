@@ -1,0 +1,298 @@
+"""The engine: a model whose weights live in a device arena mirrored by a shared-memory pool.
+
+    engine = Engine.load(WorkerConfig(model="smollm2-135m"))
+    print(engine.complete("The future of artificial intelligence is", SamplingParams(max_tokens=50)).text)
+    engine.sleep(1)     # device memory released, mirror kept: milliseconds
+    engine.wake()       # one bulk host->device copy from the pinned mirror
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from .arena import Block, DeviceArena
+from .config import WorkerConfig
+from .errors import AsleepError, BusyError, ClosedError, PoolCorruptError
+from .generation import Completion, SamplingParams, TokenEvent, stream_tokens
+from .layout import ArenaLayout
+from .memory import MemoryReport, measure
+from .pool import MANIFEST_VERSION, PoolManifest, WeightPool, remove_pool_files
+from .reports import LoadReport, Phases, SleepResult, WakeResult
+from .skeleton import ModelSkeleton
+from .source import resolve_source
+
+log = logging.getLogger(__name__)
+
+
+class EngineState(str, enum.Enum):
+    AWAKE = "awake"
+    ASLEEP = "asleep"
+    CLOSED = "closed"
+
+
+def pool_name(prefix: str, source, dtype: torch.dtype, layout: ArenaLayout) -> str:
+    """Named after the model's identity, dtype and layout: a pool is only ever attached by an equal model."""
+    key = f"{MANIFEST_VERSION}|{source.identity}|{dtype}|{layout.signature()}"
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", source.name.rsplit("/", 1)[-1]).strip("-").lower()[:40]
+    return f"{prefix}-{slug}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+class Engine:
+    def __init__(self, config: WorkerConfig, device: torch.device, source, skeleton: ModelSkeleton,
+                 layout: ArenaLayout, tokenizer, arena: DeviceArena):
+        self.config, self.device, self.source = config, device, source
+        self.skeleton, self.layout, self.tokenizer, self.arena = skeleton, layout, tokenizer, arena
+        self.pool_name = pool_name(config.pool_prefix, source, config.torch_dtype, layout)
+        self.context_tokens = int(getattr(skeleton.config, "max_position_embeddings", 0) or 2**31)
+        eos = [skeleton.config.eos_token_id, tokenizer.eos_token_id]
+        self.eos_ids = frozenset(i for e in eos for i in (e if isinstance(e, (list, tuple)) else [e]) if i is not None)
+        self._pool: WeightPool | None = None
+        self._expected: torch.Tensor | None = None  # the manifest's block sums, on the device
+        self._lock = threading.Lock()
+        self._streams = 0
+        self._last_restore_verified = False
+        self._phases = Phases(device)
+        self._state = EngineState.ASLEEP
+        self.sleep_level = 0
+        self.load_report: LoadReport | None = None
+
+    # -- loading --------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, config: WorkerConfig) -> Engine:
+        device = config.resolve_device()
+        phases = Phases(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        source = resolve_source(config.model, config, device)
+        skeleton = ModelSkeleton.build(source.config(), config.torch_dtype, config.trust_remote_code)
+        if config.keep_layers > skeleton.num_layers:
+            raise ValueError(f"keep_layers={config.keep_layers} but the model has {skeleton.num_layers} layers")
+        layout = ArenaLayout.plan(skeleton.tensors(), skeleton.num_layers)
+        arena = DeviceArena(layout, device, config.keep_layers, config.vmm)
+        engine = cls(config, device, source, skeleton, layout, source.tokenizer(), arena)
+        engine._phases = phases
+        phases.mark("skeleton")
+        try:
+            how = engine._bring_up()
+        except BaseException:
+            engine.close()
+            raise
+        engine.load_report = LoadReport(phases.total, how, engine.pool_name, layout.weight_bytes, layout.total_bytes,
+                                        arena.stable_addresses, engine._pool.pinned, phases.seconds)
+        log.info("loaded %s: %s", config.model, engine.load_report)
+        return engine
+
+    def _bring_up(self) -> str:
+        """Attach to the pool or build it, then fill the arena and bind the model; returns how."""
+        try:
+            self._pool = WeightPool.open(self.config.shm_dir, self.pool_name)
+        except PoolCorruptError as exc:
+            log.warning("%s; rebuilding the pool", exc)
+            remove_pool_files(self.config.shm_dir, self.pool_name)
+        how = "attached" if self._pool is not None else "created"
+        if self._pool is not None and self.device.type == "cuda":
+            self._pool.pin()
+            self._phases.mark("pin")
+        blocks = self.arena.allocate()
+        self._phases.mark("allocate")
+        source = self._restore(blocks)
+        self._state, self.sleep_level = EngineState.AWAKE, 0
+        return "rebuilt" if how == "attached" and source == "source" else how
+
+    def _build_pool(self) -> WeightPool:
+        """A new, unpublished pool filled from the model source (checkpoint reads or synthetic draws)."""
+        pool = WeightPool.create(self.config.shm_dir, self.pool_name, self.layout.total_bytes)
+        self._phases.mark("create_pool")
+        try:
+            params = [s for s in self.layout.slots if s.kind == "param"]
+            self.source.write_weights(params, pool.tensor, self.device, self.config.load_threads)
+            by_name = {s.name: s for s in self.layout.slots}
+            for name, value in self.skeleton.buffer_values().items():
+                by_name[name].view(pool.tensor).copy_(value)
+            self._phases.mark("read_source")
+            if self.device.type == "cuda":  # after the fill: pinning pages already written is ~3x faster
+                pool.pin()
+                self._phases.mark("pin")
+        except BaseException:
+            pool.discard()
+            raise
+        return pool
+
+    def _restore(self, blocks: list[Block]) -> str:
+        """Copy `blocks` from the pool into the arena (building the pool first if there is none), verify, bind."""
+        if self._pool is None:
+            self._pool = self._build_pool()
+        pool = self._pool
+        if pool.manifest is None:  # just built: checksum on the device, then publish
+            self.arena.copy_from(pool.tensor, blocks)
+            self._phases.mark("copy")
+            self._expected = self.arena.checksums()
+            pool.publish(PoolManifest(self.pool_name, self.source.identity, str(self.config.torch_dtype),
+                                      self.layout, self._expected.cpu().numpy(), time.time()))
+            self.skeleton.bind(self.arena.views())
+            self._phases.mark("checksum_publish_bind")
+            self._last_restore_verified = True
+            return "source"
+        try:
+            pool.check_intact()
+            if pool.manifest.identity != self.source.identity or pool.manifest.layout != self.layout:
+                raise PoolCorruptError(f"{pool.path} was made for another model or layout")
+            if self._expected is None:
+                self._expected = torch.from_numpy(pool.manifest.block_sums).to(self.device)
+            verify = self.config.verify_on_wake or self.load_report is None  # always on attach
+            flags = self.arena.copy_from(pool.tensor, blocks, self._expected if verify else None)
+            self.skeleton.bind(self.arena.views())  # host-side work while the copy runs
+            self.arena.confirm(flags)
+            self._phases.mark("copy_verify_bind")
+        except PoolCorruptError as exc:
+            log.warning("%s; rebuilding the pool from %s", exc, self.config.model)
+            self._drop_pool(unlink=True)
+            return self._restore(blocks)
+        self._last_restore_verified = verify
+        return "mirror"
+
+    def _drop_pool(self, unlink: bool) -> None:
+        if self._pool is not None:
+            if unlink:
+                self._pool.unlink()
+            self._pool.close()
+            self._pool, self._expected = None, None
+
+    # -- sleep and wake -------------------------------------------------------------------------------------
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    def sleep(self, level: int = 1) -> SleepResult:
+        """Level 1: release the device arena and torch's cached blocks; the mirror stays. Level 2: also drop
+        the mirror (wake reloads from the model source). Refused while generations are streaming."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
+        with self._lock:
+            self._check_open()
+            if self._streams:
+                raise BusyError(f"{self._streams} generation(s) still streaming; sleep after they finish")
+            t0 = time.perf_counter()
+            freed = 0
+            if self._state is EngineState.AWAKE:
+                self.skeleton.unbind()
+                freed = self.arena.release()
+                if self.device.type == "cuda":
+                    if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+                        torch._C._cuda_clearCublasWorkspaces()  # before empty_cache, which then returns them
+                    torch.cuda.empty_cache()
+            if level == 2:
+                self._drop_pool(unlink=True)
+            self._state, self.sleep_level = EngineState.ASLEEP, max(level, self.sleep_level)
+            return SleepResult(level, time.perf_counter() - t0, freed)
+
+    def wake(self) -> WakeResult:
+        """One bulk copy from the pinned mirror (after level 1) or a reload from the source (after level 2).
+        Raises DeviceMemoryError, and stays asleep, when the device has no room."""
+        with self._lock:
+            self._check_open()
+            if self._state is EngineState.AWAKE:
+                return WakeResult(0.0, 0, "none", False)
+            self._phases = Phases(self.device)
+            blocks = self.arena.allocate()
+            self._phases.mark("allocate")
+            try:
+                origin = self._restore(blocks)
+            except BaseException:
+                self.arena.release()
+                raise
+            self._state, self.sleep_level = EngineState.AWAKE, 0
+            return WakeResult(self._phases.total, sum(b.nbytes for b in blocks), origin,
+                              self._last_restore_verified, self._phases.seconds)
+
+    # -- generation -----------------------------------------------------------------------------------------
+    def encode(self, prompt: str | Sequence[int], max_tokens: int) -> list[int]:
+        """Prompt token ids, checked against the vocabulary and the model's context."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt).input_ids
+        else:
+            ids = list(prompt)
+            vocab = int(self.skeleton.config.vocab_size)
+            if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in ids):
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) + max_tokens > self.context_tokens:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens and max_tokens is {max_tokens}: {len(ids) + max_tokens} exceeds the "
+                f"model's context of {self.context_tokens} tokens"
+            )
+        return ids
+
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                 started: float | None = None) -> Iterator[TokenEvent]:
+        """Stream tokens. Arguments and state are checked now; tokens come as the iterator is consumed."""
+        started = time.perf_counter() if started is None else started
+        params = params or SamplingParams()
+        ids = self.encode(prompt, params.max_tokens)
+        with self._lock:
+            self._check_awake()
+            self._streams += 1
+        return self._stream(ids, params, started)
+
+    def _stream(self, ids: list[int], params: SamplingParams, started: float) -> Iterator[TokenEvent]:
+        cache = DynamicCache(config=self.skeleton.config)
+
+        def forward(input_ids: torch.Tensor, prefill: bool) -> torch.Tensor:
+            with self._lock, torch.inference_mode():
+                self._check_awake()
+                out = self.skeleton.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                return out.logits[:, -1, :]
+
+        try:
+            yield from stream_tokens(forward, self.tokenizer, ids, params, self.eos_ids, self.device, started)
+        finally:
+            with self._lock:
+                self._streams -= 1
+
+    def complete(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Completion:
+        started = time.perf_counter()
+        return Completion.collect(self.generate(prompt, params, started), started)
+
+    # -- accounting and shutdown ----------------------------------------------------------------------------
+    def memory(self) -> MemoryReport:
+        return measure(self.device, arena_bytes=self.layout.total_bytes, weight_bytes=self.layout.weight_bytes,
+                       resident_bytes=self.arena.present_bytes, arena_in_torch_allocator=not self.arena.stable_addresses,
+                       mirror_bytes=self._pool.nbytes if self._pool else 0)
+
+    @property
+    def model(self):
+        return self.skeleton.model
+
+    def close(self, remove_pool: bool = False) -> None:
+        """Free the device and unmap the pool; `remove_pool` also deletes its files."""
+        with self._lock:
+            if self._state is EngineState.CLOSED:
+                return
+            self.skeleton.unbind()
+            self.arena.close()
+            self._drop_pool(unlink=remove_pool)
+            self._state = EngineState.CLOSED
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._state is EngineState.CLOSED:
+            raise ClosedError("the engine is closed")
+
+    def _check_awake(self) -> None:
+        self._check_open()
+        if self._state is not EngineState.AWAKE:
+            raise AsleepError(f"the model is asleep (level {self.sleep_level}); wake it before generating")

@@ -1,0 +1,164 @@
+"""Token-by-token generation: sampling, incremental detokenisation, stop strings and timings."""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers.decoders import DecodeStream
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+FINISH_LENGTH, FINISH_EOS, FINISH_STOP = "length", "eos", "stop"
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 is greedy (the default, and what the evaluation uses)."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    """One generated token. `text` is what this token adds to the output (possibly empty while a multi-byte
+    character or a possible stop string is incomplete); the last event carries `finish_reason`."""
+
+    index: int
+    token_id: int
+    text: str
+    finish_reason: str | None
+    elapsed: float  # seconds from the request's start to this token being known on the host
+
+
+@dataclass(slots=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    ttft: float
+    total: float
+    token_times: list[float] = field(default_factory=list)
+
+    @classmethod
+    def collect(cls, events: Iterator[TokenEvent], started: float) -> Completion:
+        evs = list(events)
+        return cls("".join(e.text for e in evs), [e.token_id for e in evs], evs[-1].finish_reason,
+                   evs[0].elapsed, time.perf_counter() - started, [e.elapsed for e in evs])
+
+
+class _StopScanner:
+    """Holds back just enough text to tell whether a stop string is starting."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit now, whether a stop string was hit)."""
+        self.pending += text
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending = self.pending[:cut], ""
+            return out, True
+        keep = min(self.hold, len(self.pending))
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def _sampler(params: SamplingParams, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if params.greedy:
+        return lambda ids, logits: logits.argmax(dim=-1)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(float(params.temperature))])
+    if params.top_k:
+        warpers.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(float(params.top_p)))
+    gen = torch.Generator(device=device)
+    if params.seed is not None:
+        gen.manual_seed(params.seed)
+    else:
+        gen.seed()
+
+    def sample(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(warpers(ids, logits.float()), dim=-1)
+        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+    return sample
+
+
+def stream_tokens(
+    forward: Callable[[torch.Tensor, bool], torch.Tensor],
+    tokenizer,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    eos_ids: frozenset[int],
+    device: torch.device,
+    started: float,
+) -> Iterator[TokenEvent]:
+    """Generate up to params.max_tokens tokens after `prompt_ids`.
+
+    `forward(input_ids, is_prefill)` runs the model on new tokens (continuing its KV cache) and returns the
+    last position's logits, shape [1, vocab]; the caller owns the cache and the locking around each step.
+    """
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    sample = _sampler(params, device)
+    decoder = DecodeStream(skip_special_tokens=True)
+    backend = tokenizer.backend_tokenizer
+    scanner = _StopScanner(params.stop)
+    logits = forward(ids, True)
+    for index in range(params.max_tokens):
+        token = sample(ids, logits)
+        token_id = int(token.item())
+        elapsed = time.perf_counter() - started
+        finish = None
+        if token_id in eos_ids and not params.ignore_eos:
+            text, finish = scanner.flush(), FINISH_EOS
+        else:
+            text, hit = scanner.feed(decoder.step(backend, token_id) or "")
+            if hit:
+                finish = FINISH_STOP
+            elif index == params.max_tokens - 1:
+                text, finish = text + scanner.flush(), FINISH_LENGTH
+        yield TokenEvent(index, token_id, text, finish, elapsed)
+        if finish:
+            return
+        if not params.greedy:
+            ids = torch.cat([ids, token.view(1, 1)], dim=1)  # warpers may look at the history
+        logits = forward(token.view(1, 1), False)

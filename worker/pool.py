@@ -1,0 +1,231 @@
+"""The host mirror of the arena: a POSIX shared-memory file written once, pinned for DMA, shared by workers.
+
+Files in `shm_dir` (normally /dev/shm), both mode 0600:
+  <name>.pool            the arena's bytes, zero-padded exactly as the layout says
+  <name>.manifest.json   identity, dtype, layout and a checksum per 2 MiB block; written last, so a pool
+                         without a manifest is one whose creation did not finish
+A pool is built under `<name>.pool.tmp-<pid>` and renamed into place only once it is complete and verified.
+"""
+from __future__ import annotations
+
+import base64
+import errno
+import json
+import logging
+import mmap
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from .errors import PoolCapacityError, PoolCorruptError, PoolOwnershipError
+from .layout import SEGMENT_ALIGN, ArenaLayout
+
+log = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+BLOCK_BYTES = SEGMENT_ALIGN
+
+
+def block_sums(data: torch.Tensor) -> torch.Tensor:
+    """Wrapping int64 sum of each 2 MiB block of a uint8 tensor, on whatever device holds it.
+
+    An integrity check, not a cryptographic one: it catches flipped bits, zeroed or truncated pages and
+    stale files, and costs one read of the bytes (a few milliseconds for a 7B arena on a GPU).
+    """
+    return data.view(torch.int64).view(-1, BLOCK_BYTES // 8).sum(dim=1)
+
+
+def host_capacity(shm_dir: Path) -> tuple[int, int]:
+    """(bytes free in shm_dir, bytes of host RAM available)."""
+    st = os.statvfs(shm_dir)
+    return st.f_bavail * st.f_frsize, psutil.virtual_memory().available
+
+
+@dataclass(slots=True)
+class PoolManifest:
+    name: str
+    identity: str
+    dtype: str
+    layout: ArenaLayout
+    block_sums: np.ndarray  # int64, one per BLOCK_BYTES
+    created_unix: float
+    version: int = MANIFEST_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "version": self.version, "name": self.name, "identity": self.identity, "dtype": self.dtype,
+            "created_unix": self.created_unix, "block_bytes": BLOCK_BYTES,
+            "block_sums": base64.b64encode(self.block_sums.astype("<i8").tobytes()).decode(),
+            "layout": self.layout.to_json(),
+        })
+
+    @classmethod
+    def from_json(cls, text: str) -> PoolManifest:
+        data = json.loads(text)
+        if data.get("version") != MANIFEST_VERSION or data.get("block_bytes") != BLOCK_BYTES:
+            raise ValueError(f"manifest version {data.get('version')} / block size {data.get('block_bytes')}")
+        sums = np.frombuffer(base64.b64decode(data["block_sums"]), dtype="<i8").astype(np.int64)
+        return cls(data["name"], data["identity"], data["dtype"], ArenaLayout.from_json(data["layout"]), sums,
+                   data["created_unix"])
+
+
+def _check_private(path: Path) -> os.stat_result:
+    st = path.stat()
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise PoolOwnershipError(
+            f"{path} is owned by uid {st.st_uid} with mode {st.st_mode & 0o777:o}; a pool must belong to uid "
+            f"{os.geteuid()} with mode 600 - refusing to attach (remove it if it is yours)"
+        )
+    return st
+
+
+class WeightPool:
+    """One mapped pool file. Build with `create`, find with `open`."""
+
+    def __init__(self, path: Path, nbytes: int, fd: int):
+        self.path = path
+        self.nbytes = nbytes
+        self._fd = fd
+        self._mmap = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        self.pinned = False
+        self.manifest: PoolManifest | None = None
+
+    # -- naming ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def data_path(shm_dir: Path, name: str) -> Path:
+        return Path(shm_dir) / f"{name}.pool"
+
+    @staticmethod
+    def manifest_path(shm_dir: Path, name: str) -> Path:
+        return Path(shm_dir) / f"{name}.manifest.json"
+
+    # -- finding and building -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, shm_dir: Path, name: str) -> WeightPool | None:
+        """The published pool called `name`, or None. Raises PoolCorruptError for a broken one,
+        PoolOwnershipError for one we must not trust."""
+        data, manifest_file = cls.data_path(shm_dir, name), cls.manifest_path(shm_dir, name)
+        if not manifest_file.exists() or not data.exists():
+            return None
+        _check_private(manifest_file)
+        st = _check_private(data)
+        try:
+            manifest = PoolManifest.from_json(manifest_file.read_text())
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PoolCorruptError(f"{manifest_file} is unreadable: {exc}") from exc
+        if st.st_size != manifest.layout.total_bytes:
+            raise PoolCorruptError(f"{data} is {st.st_size:,} bytes, its manifest says {manifest.layout.total_bytes:,}")
+        pool = cls(data, manifest.layout.total_bytes, os.open(data, os.O_RDWR))
+        pool.manifest = manifest
+        return pool
+
+    @classmethod
+    def create(cls, shm_dir: Path, name: str, nbytes: int) -> WeightPool:
+        """An unpublished, zero-filled pool under a temporary name; `publish` or `discard` it."""
+        shm_free, ram = host_capacity(shm_dir)
+        if nbytes > shm_free or nbytes > ram:
+            raise PoolCapacityError(
+                f"the weight pool needs {nbytes:,} bytes; {shm_dir} has {shm_free:,} bytes free and host RAM has "
+                f"{ram:,} bytes available (in Docker, raise --shm-size or use ipc: host)"
+            )
+        remove_stale(shm_dir, name)
+        path = Path(shm_dir) / f"{name}.pool.tmp-{os.getpid()}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            # Reserve every page now: on tmpfs a later write past the free space would be a SIGBUS, not an error.
+            os.posix_fallocate(fd, 0, nbytes)
+            return cls(path, nbytes, fd)
+        except OSError as exc:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM):
+                raise PoolCapacityError(f"{shm_dir} could not reserve {nbytes:,} bytes for the weight pool: {exc}") from exc
+            raise
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+
+    def publish(self, manifest: PoolManifest) -> None:
+        """Rename into place, then write the manifest (the marker that the pool is complete)."""
+        shm_dir = self.path.parent
+        final = self.data_path(shm_dir, manifest.name)
+        os.replace(self.path, final)
+        self.path = final
+        tmp = shm_dir / f"{manifest.name}.manifest.json.tmp-{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(manifest.to_json())
+        os.replace(tmp, self.manifest_path(shm_dir, manifest.name))
+        self.manifest = manifest
+
+    def discard(self) -> None:
+        """Close and delete an unpublished pool."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+    # -- use ------------------------------------------------------------------------------------------------
+    def pin(self) -> bool:
+        """Page-lock the mapping for DMA (cudaHostRegister; hipHostRegister on ROCm builds of torch).
+
+        Returns False, and the pool stays usable at pageable speed, when the driver refuses.
+        """
+        if self.pinned:
+            return True
+        t0 = time.perf_counter()
+        rc = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.nbytes, 0)
+        if int(rc) != 0:
+            log.warning("could not pin the weight pool (%s); wake will copy at pageable speed", rc)
+            return False
+        self.pinned = True
+        log.info("pinned %s bytes of %s in %.3f s", f"{self.nbytes:,}", self.path.name, time.perf_counter() - t0)
+        return True
+
+    def unpin(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self.pinned = False
+
+    def check_intact(self) -> None:
+        """Cheap check before reading the mapping: a file truncated under us would fault (SIGBUS) on access."""
+        try:
+            size = os.fstat(self._fd).st_size
+        except OSError as exc:
+            raise PoolCorruptError(f"{self.path}: {exc}") from exc
+        if size != self.nbytes:
+            raise PoolCorruptError(f"{self.path} shrank to {size:,} bytes (expected {self.nbytes:,})")
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        self.unpin()
+        self.tensor = None  # the mapping cannot close while a tensor still exports it
+        self._mmap.close()
+        os.close(self._fd)
+        self._fd = -1
+
+    def unlink(self) -> None:
+        """Remove the pool's files (mappings held elsewhere stay valid until closed)."""
+        if self.manifest is not None:
+            self.manifest_path(self.path.parent, self.manifest.name).unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
+
+
+def remove_pool_files(shm_dir: Path, name: str) -> None:
+    WeightPool.manifest_path(shm_dir, name).unlink(missing_ok=True)
+    WeightPool.data_path(shm_dir, name).unlink(missing_ok=True)
+
+
+def remove_stale(shm_dir: Path, name: str) -> None:
+    """Delete temporary files of `name` left by processes that died while building it."""
+    for tmp in Path(shm_dir).glob(f"{name}.*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            log.warning("removing %s, left by process %s", tmp, pid)
+            tmp.unlink(missing_ok=True)
