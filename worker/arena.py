@@ -15,12 +15,12 @@ import torch
 
 from .errors import DeviceMemoryError, PoolCorruptError
 from .layout import ArenaLayout
-from .pool import BLOCK_BYTES, block_sums
+from .pool import BLOCK_BYTES, PIN_CHUNK, block_sums
 from .vmm import VirtualRange, vmm_unavailable_reason
 
 log = logging.getLogger(__name__)
 
-COPY_CHUNK = 512 * BLOCK_BYTES  # 1 GiB: copy and checksum overlap chunk by chunk; only the last check shows
+COPY_CHUNK = PIN_CHUNK  # 1 GiB: copy and checksum overlap chunk by chunk; only the last check shows
 # (measured on an H200: 1 GiB chunks verify at no cost, 256 MiB chunks cost ~7 ms in stream switches)
 
 
@@ -120,16 +120,21 @@ class DeviceArena:
                 freed += block.nbytes
         return freed
 
-    def copy_from(self, host: torch.Tensor, blocks: list[Block], expected: torch.Tensor | None = None) -> torch.Tensor | None:
+    def copy_from(self, host: torch.Tensor, blocks: list[Block], expected: torch.Tensor | None = None,
+                  before_chunk=None) -> torch.Tensor | None:
         """Queue the copy of `blocks` from the host mirror; with `expected` (all block sums, on this device),
         also queue their verification, chunk by chunk on a side stream so that it overlaps the copy.
+        `before_chunk(offset)` is called before each chunk is queued (the pool waits there for its pinning).
 
         Returns a device tensor of per-chunk mismatch flags to hand to `confirm` (None without `expected`).
         """
-        chunks = [(b.start + a, b.start + min(a + COPY_CHUNK, b.nbytes)) for b in blocks for a in range(0, b.nbytes, COPY_CHUNK)]
+        chunks = [(lo, min(b.end, (lo // COPY_CHUNK + 1) * COPY_CHUNK)) for b in blocks
+                  for lo in [b.start, *range((b.start // COPY_CHUNK + 1) * COPY_CHUNK, b.end, COPY_CHUNK)]]
         main = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         flags = []
         for lo, hi in chunks:
+            if before_chunk is not None:
+                before_chunk(lo)
             block = self.blocks[bisect.bisect_right(self._starts, lo) - 1]
             dst = self._tensors[block.start][lo - block.start : hi - block.start]
             dst.copy_(host[lo:hi], non_blocking=True)

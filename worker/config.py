@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ksleep.v1 import forkserver_pb2
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 VMM_MODES = ("auto", "on", "off")
 
@@ -80,6 +82,19 @@ class WorkerConfig:
         self.shm_dir = Path(self.shm_dir)
         self.cache_dir = Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
         self.model_dir = Path(self.model_dir).expanduser() if self.model_dir else default_model_dir(self.cache_dir)
+
+    @classmethod
+    def from_pb(cls, pb: forkserver_pb2.WorkerSettings) -> WorkerConfig:
+        return cls(model=pb.model, device=pb.device or "auto", dtype=pb.dtype or "auto", keep_layers=pb.keep_layers,
+                   cache_dir=pb.cache_dir or None, model_dir=pb.model_dir or None, shm_dir=pb.shm_dir or "/dev/shm",
+                   pool_prefix=pb.pool_prefix or "ksleep", vmm=pb.vmm or "auto", trust_remote_code=pb.trust_remote_code)
+
+    def to_pb(self, **extra) -> forkserver_pb2.WorkerSettings:
+        """The settings message for a worker; `extra` sets the fields that are not the engine's (socket_path...)."""
+        return forkserver_pb2.WorkerSettings(
+            model=self.model, device=self.device, dtype=self.dtype, keep_layers=self.keep_layers,
+            cache_dir=str(self.cache_dir), model_dir=str(self.model_dir), shm_dir=str(self.shm_dir),
+            pool_prefix=self.pool_prefix, vmm=self.vmm, trust_remote_code=self.trust_remote_code, **extra)
 
     @property
     def torch_dtype(self) -> torch.dtype:

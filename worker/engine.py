@@ -24,10 +24,11 @@ from .errors import AsleepError, BusyError, ClosedError, PoolCorruptError
 from .generation import Completion, SamplingParams, TokenEvent, stream_tokens
 from .layout import ArenaLayout
 from .memory import MemoryReport, measure
-from .pool import MANIFEST_VERSION, PoolManifest, WeightPool, remove_pool_files
+from .pool import MANIFEST_VERSION, PoolManifest, WeightPool
+from .poolfiles import remove_pool_files
 from .reports import LoadReport, Phases, SleepResult, WakeResult
 from .skeleton import ModelSkeleton
-from .source import resolve_source
+from .prepared import PreparedModel
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,10 @@ class Engine:
         self._pool: WeightPool | None = None
         self._expected: torch.Tensor | None = None  # the manifest's block sums, on the device
         self._lock = threading.Lock()
+        self._no_streams = threading.Condition(self._lock)
         self._streams = 0
         self._last_restore_verified = False
+        self._pool_verified = False  # the attached pool passed a checksum at least once
         self._phases = Phases(device)
         self._state = EngineState.ASLEEP
         self.sleep_level = 0
@@ -66,31 +69,33 @@ class Engine:
 
     # -- loading --------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, config: WorkerConfig) -> Engine:
+    def load(cls, config: WorkerConfig, prepared: PreparedModel | None = None, awake: bool = True) -> Engine:
+        """Load a model. `prepared` skips what a forkserver already built; `awake=False` attaches to an existing
+        pool and leaves the device empty (the state of a worker restarted while the daemon sleeps)."""
+        phases = Phases(torch.device("cpu"))
         device = config.resolve_device()
-        phases = Phases(device)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        source = resolve_source(config.model, config, device)
-        skeleton = ModelSkeleton.build(source.config(), config.torch_dtype, config.trust_remote_code)
-        if config.keep_layers > skeleton.num_layers:
-            raise ValueError(f"keep_layers={config.keep_layers} but the model has {skeleton.num_layers} layers")
-        layout = ArenaLayout.plan(skeleton.tensors(), skeleton.num_layers)
-        arena = DeviceArena(layout, device, config.keep_layers, config.vmm)
-        engine = cls(config, device, source, skeleton, layout, source.tokenizer(), arena)
+            torch.empty(1, device=device)  # create the CUDA context now, so that it is timed as such
+            phases.device = device
+        phases.mark("device_init")
+        prepared = prepared or PreparedModel.build(config, device.type)
+        arena = DeviceArena(prepared.layout, device, config.keep_layers, config.vmm)
+        engine = cls(config, device, prepared.source, prepared.skeleton, prepared.layout, prepared.tokenizer, arena)
         engine._phases = phases
-        phases.mark("skeleton")
+        phases.mark("prepare")
         try:
-            how = engine._bring_up()
+            how = engine._bring_up(awake)
         except BaseException:
             engine.close()
             raise
-        engine.load_report = LoadReport(phases.total, how, engine.pool_name, layout.weight_bytes, layout.total_bytes,
-                                        arena.stable_addresses, engine._pool.pinned, phases.seconds)
+        engine.load_report = LoadReport(phases.total, how, engine.pool_name, engine.layout.weight_bytes,
+                                        engine.layout.total_bytes, arena.stable_addresses, engine._pool.pinned,
+                                        phases.seconds)
         log.info("loaded %s: %s", config.model, engine.load_report)
         return engine
 
-    def _bring_up(self) -> str:
+    def _bring_up(self, awake: bool) -> str:
         """Attach to the pool or build it, then fill the arena and bind the model; returns how."""
         try:
             self._pool = WeightPool.open(self.config.shm_dir, self.pool_name)
@@ -99,12 +104,17 @@ class Engine:
             remove_pool_files(self.config.shm_dir, self.pool_name)
         how = "attached" if self._pool is not None else "created"
         if self._pool is not None and self.device.type == "cuda":
-            self._pool.pin()
-            self._phases.mark("pin")
+            self._pool.pin()  # in the background: the copy follows chunk by chunk
+        if not awake and self._pool is not None:  # verified on the first wake
+            self._pool.wait_pinned()
+            self._state, self.sleep_level = EngineState.ASLEEP, 1
+            return how
         blocks = self.arena.allocate()
         self._phases.mark("allocate")
         source = self._restore(blocks)
         self._state, self.sleep_level = EngineState.AWAKE, 0
+        if not awake:
+            self.sleep(1)
         return "rebuilt" if how == "attached" and source == "source" else how
 
     def _build_pool(self) -> WeightPool:
@@ -120,6 +130,7 @@ class Engine:
             self._phases.mark("read_source")
             if self.device.type == "cuda":  # after the fill: pinning pages already written is ~3x faster
                 pool.pin()
+                pool.wait_pinned()
                 self._phases.mark("pin")
         except BaseException:
             pool.discard()
@@ -139,7 +150,7 @@ class Engine:
                                       self.layout, self._expected.cpu().numpy(), time.time()))
             self.skeleton.bind(self.arena.views())
             self._phases.mark("checksum_publish_bind")
-            self._last_restore_verified = True
+            self._last_restore_verified = self._pool_verified = True
             return "source"
         try:
             pool.check_intact()
@@ -147,10 +158,14 @@ class Engine:
                 raise PoolCorruptError(f"{pool.path} was made for another model or layout")
             if self._expected is None:
                 self._expected = torch.from_numpy(pool.manifest.block_sums).to(self.device)
-            verify = self.config.verify_on_wake or self.load_report is None  # always on attach
-            flags = self.arena.copy_from(pool.tensor, blocks, self._expected if verify else None)
+            verify = self.config.verify_on_wake or not self._pool_verified  # always the first time
+            pinning = pool.wait_pinned if self.device.type == "cuda" else None
+            flags = self.arena.copy_from(pool.tensor, blocks, self._expected if verify else None, pinning)
             self.skeleton.bind(self.arena.views())  # host-side work while the copy runs
             self.arena.confirm(flags)
+            if pinning is not None:
+                pool.wait_pinned()  # every chunk, including those of resident blocks: logs the pinning time
+            self._pool_verified = self._pool_verified or verify
             self._phases.mark("copy_verify_bind")
         except PoolCorruptError as exc:
             log.warning("%s; rebuilding the pool from %s", exc, self.config.model)
@@ -164,20 +179,28 @@ class Engine:
             if unlink:
                 self._pool.unlink()
             self._pool.close()
-            self._pool, self._expected = None, None
+            self._pool, self._expected, self._pool_verified = None, None, False
 
     # -- sleep and wake -------------------------------------------------------------------------------------
     @property
     def state(self) -> EngineState:
         return self._state
 
-    def sleep(self, level: int = 1) -> SleepResult:
+    @property
+    def streams(self) -> int:
+        """Generations streaming now."""
+        return self._streams
+
+    def sleep(self, level: int = 1, wait: float = 0.0) -> SleepResult:
         """Level 1: release the device arena and torch's cached blocks; the mirror stays. Level 2: also drop
-        the mirror (wake reloads from the model source). Refused while generations are streaming."""
+        the mirror (wake reloads from the model source). Waits up to `wait` seconds for streaming generations
+        to end, then refuses (BusyError) while any still stream."""
         if level not in (1, 2):
             raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
         with self._lock:
             self._check_open()
+            if self._streams and wait > 0:
+                self._no_streams.wait_for(lambda: self._streams == 0, timeout=wait)
             if self._streams:
                 raise BusyError(f"{self._streams} generation(s) still streaming; sleep after they finish")
             t0 = time.perf_counter()
@@ -202,6 +225,7 @@ class Engine:
             if self._state is EngineState.AWAKE:
                 return WakeResult(0.0, 0, "none", False)
             self._phases = Phases(self.device)
+            level = self.sleep_level
             blocks = self.arena.allocate()
             self._phases.mark("allocate")
             try:
@@ -211,7 +235,7 @@ class Engine:
                 raise
             self._state, self.sleep_level = EngineState.AWAKE, 0
             return WakeResult(self._phases.total, sum(b.nbytes for b in blocks), origin,
-                              self._last_restore_verified, self._phases.seconds)
+                              self._last_restore_verified, self._phases.seconds, level)
 
     # -- generation -----------------------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int], max_tokens: int) -> list[int]:
@@ -257,6 +281,7 @@ class Engine:
         finally:
             with self._lock:
                 self._streams -= 1
+                self._no_streams.notify_all()
 
     def complete(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Completion:
         started = time.perf_counter()

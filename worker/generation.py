@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tokenizers.decoders import DecodeStream
+from ksleep.v1 import common_pb2
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -16,6 +17,8 @@ from transformers.generation.logits_process import (
 )
 
 FINISH_LENGTH, FINISH_EOS, FINISH_STOP = "length", "eos", "stop"
+_FINISH_TO_PB = {None: common_pb2.FINISH_REASON_UNSPECIFIED, FINISH_LENGTH: common_pb2.FINISH_REASON_LENGTH,
+                 FINISH_EOS: common_pb2.FINISH_REASON_EOS, FINISH_STOP: common_pb2.FINISH_REASON_STOP}
 
 
 @dataclass(slots=True)
@@ -49,6 +52,20 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @classmethod
+    def from_pb(cls, pb: common_pb2.SamplingParams) -> SamplingParams:
+        """Unset fields take the defaults; values are validated (ValueError) as for a direct call."""
+        fields = {name: getattr(pb, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos")
+                  if pb.HasField(name)}
+        return cls(stop=tuple(pb.stop), **fields)
+
+
+def prompt_from_pb(pb: common_pb2.Prompt) -> str | list[int]:
+    kind = pb.WhichOneof("input")
+    if kind is None:
+        raise ValueError("prompt is missing: set prompt.text or prompt.token_ids")
+    return pb.text if kind == "text" else list(pb.token_ids.ids)
+
 
 @dataclass(slots=True)
 class TokenEvent:
@@ -60,6 +77,10 @@ class TokenEvent:
     text: str
     finish_reason: str | None
     elapsed: float  # seconds from the request's start to this token being known on the host
+
+    def to_pb(self) -> common_pb2.Token:
+        return common_pb2.Token(index=self.index, id=self.token_id, text=self.text,
+                                finish_reason=_FINISH_TO_PB[self.finish_reason], elapsed_seconds=self.elapsed)
 
 
 @dataclass(slots=True)

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 import psutil
 import torch
 
+from ksleep.v1 import common_pb2
+
 
 @dataclass(slots=True)
 class MemoryReport:
@@ -22,6 +24,9 @@ class MemoryReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def to_pb(self) -> common_pb2.Memory:
+        return common_pb2.Memory(**self.to_dict())
 
 
 def nvml_process_bytes(device: torch.device, pid: int) -> int | None:

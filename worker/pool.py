@@ -15,6 +15,7 @@ import logging
 import mmap
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 import psutil
 import torch
 
+from . import poolfiles
 from .errors import PoolCapacityError, PoolCorruptError, PoolOwnershipError
 from .layout import SEGMENT_ALIGN, ArenaLayout
 
@@ -29,6 +31,15 @@ log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 BLOCK_BYTES = SEGMENT_ALIGN
+PIN_CHUNK = 1 << 30  # bytes registered per cudaHostRegister call; copies never straddle two (arena.COPY_CHUNK)
+PIN_THREADS = 8
+
+
+def _register(ptr: int, nbytes: int) -> bool:
+    rc = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
+    if int(rc) != 0:
+        log.warning("could not pin %d bytes of the weight pool (%s); they copy at pageable speed", nbytes, rc)
+    return int(rc) == 0
 
 
 def block_sums(data: torch.Tensor) -> torch.Tensor:
@@ -93,17 +104,13 @@ class WeightPool:
         self._fd = fd
         self._mmap = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
-        self.pinned = False
+        self._pin_jobs: list = []  # one future per PIN_CHUNK: True once registered
+        self._pin_pool: ThreadPoolExecutor | None = None
+        self._pin_started = 0.0
         self.manifest: PoolManifest | None = None
 
-    # -- naming ---------------------------------------------------------------------------------------------
-    @staticmethod
-    def data_path(shm_dir: Path, name: str) -> Path:
-        return Path(shm_dir) / f"{name}.pool"
-
-    @staticmethod
-    def manifest_path(shm_dir: Path, name: str) -> Path:
-        return Path(shm_dir) / f"{name}.manifest.json"
+    data_path = staticmethod(poolfiles.data_path)
+    manifest_path = staticmethod(poolfiles.manifest_path)
 
     # -- finding and building -------------------------------------------------------------------------------
     @classmethod
@@ -171,26 +178,43 @@ class WeightPool:
         self.path.unlink(missing_ok=True)
 
     # -- use ------------------------------------------------------------------------------------------------
-    def pin(self) -> bool:
-        """Page-lock the mapping for DMA (cudaHostRegister; hipHostRegister on ROCm builds of torch).
+    def pin(self, threads: int = PIN_THREADS) -> None:
+        """Start page-locking the mapping for DMA (cudaHostRegister; hipHostRegister on ROCm builds of torch),
+        PIN_CHUNK bytes at a time on `threads` threads, so that copies can start on the first chunks while
+        the rest are still being pinned (`wait_pinned`). A chunk the driver refuses stays pageable: copies
+        from it are slower, not wrong."""
+        if self._pin_jobs:
+            return
+        self._pin_started = time.perf_counter()
+        self._pin_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pin")
+        base = self.tensor.data_ptr()
+        self._pin_jobs = [self._pin_pool.submit(_register, base + lo, min(PIN_CHUNK, self.nbytes - lo))
+                          for lo in range(0, self.nbytes, PIN_CHUNK)]
 
-        Returns False, and the pool stays usable at pageable speed, when the driver refuses.
-        """
-        if self.pinned:
-            return True
-        t0 = time.perf_counter()
-        rc = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.nbytes, 0)
-        if int(rc) != 0:
-            log.warning("could not pin the weight pool (%s); wake will copy at pageable speed", rc)
-            return False
-        self.pinned = True
-        log.info("pinned %s bytes of %s in %.3f s", f"{self.nbytes:,}", self.path.name, time.perf_counter() - t0)
-        return True
+    def wait_pinned(self, offset: int | None = None) -> bool:
+        """Wait until the chunk holding `offset` (every chunk, if None) is pinned; True if it is."""
+        jobs = self._pin_jobs if offset is None else self._pin_jobs[offset // PIN_CHUNK : offset // PIN_CHUNK + 1]
+        ok = all(job.result() for job in jobs)
+        if offset is None and self._pin_pool is not None:
+            self._pin_pool.shutdown()
+            self._pin_pool = None
+            log.info("pinned %s bytes of %s in %.3f s%s", f"{self.nbytes:,}", self.path.name,
+                     time.perf_counter() - self._pin_started, "" if ok else " (some chunks refused: pageable)")
+        return ok
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self._pin_jobs) and all(job.done() and job.result() for job in self._pin_jobs)
 
     def unpin(self) -> None:
-        if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
-            self.pinned = False
+        base = self.tensor.data_ptr()
+        for lo, job in zip(range(0, self.nbytes, PIN_CHUNK), self._pin_jobs):
+            if job.result():
+                torch.cuda.cudart().cudaHostUnregister(base + lo)
+        self._pin_jobs = []
+        if self._pin_pool is not None:
+            self._pin_pool.shutdown()
+            self._pin_pool = None
 
     def check_intact(self) -> None:
         """Cheap check before reading the mapping: a file truncated under us would fault (SIGBUS) on access."""
@@ -215,11 +239,6 @@ class WeightPool:
         if self.manifest is not None:
             self.manifest_path(self.path.parent, self.manifest.name).unlink(missing_ok=True)
         self.path.unlink(missing_ok=True)
-
-
-def remove_pool_files(shm_dir: Path, name: str) -> None:
-    WeightPool.manifest_path(shm_dir, name).unlink(missing_ok=True)
-    WeightPool.data_path(shm_dir, name).unlink(missing_ok=True)
 
 
 def remove_stale(shm_dir: Path, name: str) -> None:

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ksleep.v1 import common_pb2
+
 
 class Phases:
     """Wall time per named phase. Each mark waits for the device, so queued GPU work is charged to the phase
@@ -52,6 +54,9 @@ class SleepResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_pb(self) -> common_pb2.Transition:
+        return common_pb2.Transition(seconds=self.seconds, bytes=self.bytes_freed, level=self.level, at_unix=time.time())
+
 
 @dataclass(slots=True)
 class WakeResult:
@@ -60,6 +65,12 @@ class WakeResult:
     source: str  # "mirror" (one bulk copy), "source" (pool rebuilt from the model source) or "none" (was awake)
     verified: bool  # the copied bytes were checked against the manifest
     phases: dict[str, float] = field(default_factory=dict)
+    level: int = 0  # the sleep level woken from
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def to_pb(self) -> common_pb2.Transition:
+        return common_pb2.Transition(seconds=self.seconds, bytes=self.bytes_restored, level=self.level,
+                                     at_unix=time.time(), source=self.source if self.source != "none" else "",
+                                     phases=self.phases)

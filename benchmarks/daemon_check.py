@@ -1,0 +1,156 @@
+"""ksleepd on a GPU, measured from a client: what the gRPC and supervisor path add to a wake, the level-3
+wake, and a worker restart from the pool, phase by phase.
+
+    python benchmarks/daemon_check.py --model synthetic:deepseek-r1-distill-qwen-7b --json out.json
+
+Starts its own ksleepd (idle timeout off), then:
+1. TTFT awake, and after each level-1 sleep (--pause s asleep), measured in this client from sending Generate
+   to receiving the first token; the daemon's own ttft (request arrival to first token) beside it;
+2. level 3: device memory of our processes while asleep (NVML), then wake-to-first-token;
+3. restart: SIGKILL the worker, send Generate at once, time to the first token; the restart's phases.
+Every first token is checked against the baseline's, and a full greedy output after each part.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ksleep.v1 import common_pb2, ksleep_pb2, ksleep_pb2_grpc
+
+PROMPT = "The future of artificial intelligence is"
+
+
+def request(max_tokens: int) -> ksleep_pb2.GenerateRequest:
+    return ksleep_pb2.GenerateRequest(prompt=common_pb2.Prompt(text=PROMPT),
+                                      params=common_pb2.SamplingParams(max_tokens=max_tokens))
+
+
+def first_token(stub) -> tuple[float, float, int]:
+    """(client TTFT, daemon TTFT, token id) of a one-token Generate."""
+    t = time.perf_counter()
+    responses = stub.Generate(request(1), timeout=600)
+    first = next(responses)
+    client = time.perf_counter() - t
+    rest = list(responses)
+    last = (rest or [first])[-1]
+    return client, last.summary.ttft_seconds, first.token.id
+
+
+def nvml_bytes_of(pids: set[int]) -> int | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001
+        return None
+    total = 0
+    for i in range(pynvml.nvmlDeviceGetCount()):
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(i)):
+            if proc.pid in pids:
+                total += int(proc.usedGpuMemory or 0)
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="synthetic:deepseek-r1-distill-qwen-7b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--cycles", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=50)
+    ap.add_argument("--pause", type=float, default=1.0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="ksleep-check-"))
+    sock = tmp / "d.sock"
+    t0 = time.perf_counter()
+    daemon = subprocess.Popen([sys.executable, "-m", "ksleep.supervisor", "start", "--model", args.model,
+                               "--device", args.device, "--listen", f"unix:{sock}", "--idle-timeout", "0",
+                               "--pool-prefix", "ksleep-check"], env={**os.environ, "XDG_RUNTIME_DIR": str(tmp)})
+    channel = grpc.insecure_channel(f"unix:{sock}")
+    stub, health = ksleep_pb2_grpc.KsleepStub(channel), health_pb2_grpc.HealthStub(channel)
+    R: dict = {"model": args.model}
+    try:
+        while True:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    break
+            except grpc.RpcError:
+                if daemon.poll() is not None:
+                    raise SystemExit("ksleepd exited")
+                time.sleep(0.1)
+        R["daemon_start_s"] = time.perf_counter() - t0
+        base = [r.token.id for r in stub.Generate(request(args.tokens), timeout=600)]
+        awake = [first_token(stub) for _ in range(5)]
+        R["ttft_awake_client_median_s"] = statistics.median(a[0] for a in awake)
+        R["ttft_awake_daemon_median_s"] = statistics.median(a[1] for a in awake)
+
+        client, server, wake_s, ok = [], [], [], True
+        for _ in range(args.cycles):
+            stub.Sleep(ksleep_pb2.SleepRequest(level=1))
+            time.sleep(args.pause)
+            c, s, tok = first_token(stub)
+            client.append(c), server.append(s)
+            ok &= tok == base[0]
+            wake_s.append(stub.Status(ksleep_pb2.StatusRequest()).last_wake.seconds)
+        ok &= [r.token.id for r in stub.Generate(request(args.tokens), timeout=600)] == base
+        R["level1"] = {"ttft_client_s": client, "ttft_daemon_s": server, "wake_s": wake_s,
+                       "ttft_client_median_s": statistics.median(client), "ttft_daemon_median_s": statistics.median(server),
+                       "client_minus_daemon_median_ms": 1e3 * statistics.median(c - s for c, s in zip(client, server)),
+                       "identical": ok}
+
+        status = stub.Status(ksleep_pb2.StatusRequest())
+        stub.Sleep(ksleep_pb2.SleepRequest(level=3))
+        time.sleep(args.pause)
+        ours = {p.pid for p in [psutil.Process(daemon.pid), *psutil.Process(daemon.pid).children(recursive=True)]}
+        asleep = stub.Status(ksleep_pb2.StatusRequest())
+        c, s, tok = first_token(stub)
+        woke = stub.Status(ksleep_pb2.StatusRequest()).last_wake
+        R["level3"] = {"our_device_bytes_asleep_nvml": nvml_bytes_of(ours), "worker_pid_asleep": asleep.worker_pid,
+                       "device_used_asleep": asleep.device_used_bytes, "device_used_awake_before": status.device_used_bytes,
+                       "ttft_client_s": c, "ttft_daemon_s": s, "wake_phases": dict(woke.phases),
+                       "identical": tok == base[0] and [r.token.id for r in stub.Generate(request(args.tokens), timeout=600)] == base}
+
+        restarts = []
+        for _ in range(2):
+            pid = stub.Status(ksleep_pb2.StatusRequest()).worker_pid
+            t = time.perf_counter()
+            os.kill(pid, signal.SIGKILL)
+            responses = stub.Generate(request(1), timeout=600)
+            tok = next(responses).token.id
+            total = time.perf_counter() - t
+            list(responses)
+            st = stub.Status(ksleep_pb2.StatusRequest())
+            restarts.append({"kill_to_first_token_s": total, "restart_s": st.last_restart.seconds,
+                             "phases": dict(st.last_restart.phases), "load_source": st.worker_load_source,
+                             "identical": tok == base[0]})
+        R["restart"] = restarts
+    finally:
+        channel.close()
+        daemon.send_signal(signal.SIGTERM)
+        R["daemon_exit_code"] = daemon.wait(120)
+    print(json.dumps(R, indent=1))
+    L1 = R["level1"]
+    print(f"\nTTFT awake (client)                  {R['ttft_awake_client_median_s'] * 1e3:.1f} ms")
+    print(f"TTFT after L1 sleep: client median    {L1['ttft_client_median_s'] * 1e3:.1f} ms; daemon {L1['ttft_daemon_median_s'] * 1e3:.1f} ms;"
+          f" client - daemon {L1['client_minus_daemon_median_ms']:.2f} ms")
+    print(f"L3 asleep: our device bytes (NVML)   {R['level3']['our_device_bytes_asleep_nvml']}; wake to first token {R['level3']['ttft_client_s']:.3f} s")
+    for r in R["restart"]:
+        print(f"restart: kill to first token        {r['kill_to_first_token_s']:.3f} s ({r['load_source']}); phases {r['phases']}")
+    if args.json:
+        args.json.write_text(json.dumps(R, indent=1))
+
+
+if __name__ == "__main__":
+    main()

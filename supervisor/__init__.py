@@ -1,0 +1,1 @@
+"""ksleepd: the supervisor."""

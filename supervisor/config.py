@@ -1,0 +1,123 @@
+"""ksleepd's configuration: one dataclass, filled from flags, then KSLEEP_* environment variables, then an
+optional TOML file, then defaults (the first that sets a field wins)."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from ksleep.v1 import forkserver_pb2
+
+DEVICES_HELP = "auto, cpu, cuda or cuda:N"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def runtime_dir() -> Path:
+    """$XDG_RUNTIME_DIR/ksleep, else /tmp/ksleep-<uid>: private (0700) folders for sockets."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(base) / "ksleep" if base else Path(f"/tmp/ksleep-{os.getuid()}")
+
+
+def default_listen() -> str:
+    return f"unix:{runtime_dir() / 'ksleepd.sock'}"
+
+
+@dataclass(slots=True)
+class DaemonConfig:
+    """Each field is a flag (--idle-timeout), an environment variable (KSLEEP_IDLE_TIMEOUT) and a TOML key
+    (idle_timeout). The `help` metadata is what `ksleepd start --help` prints."""
+
+    model: str = field(default="smollm2-135m", metadata={"help": "local HF directory, ModelScope id (org/name), smollm2-135m or synthetic:<preset>"})
+    device: str = field(default="auto", metadata={"help": DEVICES_HELP})
+    dtype: str = field(default="auto", metadata={"help": "auto (bfloat16), bfloat16, float16 or float32"})
+    listen: str = field(default_factory=default_listen, metadata={"help": "unix:/path/to.sock or HOST:PORT (TCP; 127.0.0.1 unless you name another host)"})
+    idle_timeout: float = field(default=300.0, metadata={"help": "seconds without requests before sleeping; 0 disables"})
+    sleep_level: int = field(default=1, metadata={"help": "1: keep the pinned mirror; 2: drop it too; 3: stop the worker process"})
+    keep_layers: int = field(default=0, metadata={"help": "last N decoder layers stay on the device while asleep"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+    keep_pool: bool = field(default=False, metadata={"help": "leave the weight pool in /dev/shm on shutdown"})
+    cache_dir: str = field(default="", metadata={"help": "converted models (default $KSLEEP_CACHE_DIR or ~/.cache/ksleep)"})
+    model_dir: str = field(default="", metadata={"help": "ModelScope downloads (default $KSLEEP_MODEL_DIR or <cache_dir>/modelscope)"})
+    shm_dir: str = field(default="/dev/shm", metadata={"help": "where the weight pool lives"})
+    pool_prefix: str = field(default="ksleep", metadata={"help": "file-name prefix of the pool"})
+    vmm: str = field(default="auto", metadata={"help": "CUDA virtual memory for stable addresses: auto, on or off"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the checkpoint (off: no code is loaded)"})
+    grace: float = field(default=5.0, metadata={"help": "seconds a worker gets to stop after SIGTERM before SIGKILL"})
+    sample_interval: float = field(default=1.0, metadata={"help": "seconds between memory samples"})
+    history: int = field(default=3600, metadata={"help": "memory samples kept for Status(include_history)"})
+
+    def __post_init__(self) -> None:
+        device = self.device
+        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+            raise ValueError(f"device {device!r} is not one of {DEVICES_HELP}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype {self.dtype!r} is not one of auto, bfloat16, float16, float32")
+        if self.sleep_level not in (1, 2, 3):
+            raise ValueError(f"sleep_level must be 1, 2 or 3, got {self.sleep_level!r}")
+        if self.idle_timeout < 0:
+            raise ValueError("idle_timeout must be >= 0 (0 disables auto-sleep)")
+        if self.keep_layers < 0:
+            raise ValueError("keep_layers must be >= 0")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        if self.vmm not in ("auto", "on", "off"):
+            raise ValueError("vmm must be auto, on or off")
+        if self.grace <= 0 or self.sample_interval <= 0 or self.history < 1:
+            raise ValueError("grace and sample_interval must be > 0 and history >= 1")
+        if not self.listen.startswith("unix:") and not self.listen.startswith("/"):
+            host, _, port = self.listen.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"listen {self.listen!r} is neither unix:/path nor HOST:PORT")
+
+    @classmethod
+    def load(cls, flags: dict, environ: dict | None = None, toml_path: str | None = None) -> DaemonConfig:
+        """Merge flags (None = not given), KSLEEP_* variables and the TOML file."""
+        environ = os.environ if environ is None else environ
+        toml_path = toml_path or environ.get("KSLEEP_CONFIG")
+        table = tomllib.loads(Path(toml_path).read_text()) if toml_path else {}
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(table) - set(known)
+        if unknown:
+            raise ValueError(f"unknown key(s) in {toml_path}: {', '.join(sorted(unknown))}")
+        values = {}
+        for name, f in known.items():
+            if flags.get(name) is not None:
+                values[name] = flags[name]
+            elif f"KSLEEP_{name.upper()}" in environ:
+                values[name] = _parse(f, environ[f"KSLEEP_{name.upper()}"], f"KSLEEP_{name.upper()}")
+            elif name in table:
+                values[name] = table[name]
+        return cls(**values)
+
+    @property
+    def unix_socket(self) -> Path | None:
+        if self.listen.startswith("unix:"):
+            return Path(self.listen[5:])
+        return Path(self.listen) if self.listen.startswith("/") else None
+
+    def worker_settings(self, socket_path: Path, start_asleep: bool) -> forkserver_pb2.WorkerSettings:
+        return forkserver_pb2.WorkerSettings(
+            model=self.model, device=self.device, dtype=self.dtype, keep_layers=self.keep_layers,
+            cache_dir=self.cache_dir, model_dir=self.model_dir, shm_dir=self.shm_dir, pool_prefix=self.pool_prefix,
+            vmm=self.vmm, trust_remote_code=self.trust_remote_code, socket_path=str(socket_path),
+            supervisor_pid=os.getpid(), start_asleep=start_asleep, log_level=self.log_level)
+
+
+def _parse(f, text: str, where: str):
+    kind = f.type if isinstance(f.type, type) else {"str": str, "float": float, "int": int, "bool": bool}[f.type]
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{where}={text!r} is not a boolean")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{where}={text!r} is not a valid {kind.__name__}") from None

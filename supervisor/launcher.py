@@ -1,0 +1,188 @@
+"""Starting and stopping workers: the forkserver process, and a handle per worker.
+
+TGI's launcher, adapted: stale sockets are removed before a spawn, the environment is explicit, readiness is
+the worker's socket accepting a connection (it binds only once the model is loaded), exits are reported by the
+forkserver (which reaps its children), and stop is SIGTERM, then SIGKILL after a grace period.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from ksleep.v1 import forkserver_pb2, worker_pb2_grpc
+from ksleep.worker import framing
+from ksleep.worker.errors import KsleepError
+
+log = logging.getLogger("ksleep.launcher")
+CHANNEL_OPTIONS = [
+    # The socket appears when the model is ready: look for it often, so a restart is not held up by backoff.
+    ("grpc.initial_reconnect_backoff_ms", 20),
+    ("grpc.min_reconnect_backoff_ms", 20),
+    ("grpc.max_reconnect_backoff_ms", 100),
+    ("grpc.max_receive_message_length", 64 << 20),
+]
+
+
+class WorkerStartError(KsleepError):
+    """The worker could not start (its model was refused, or it died while loading)."""
+
+    status = "UNAVAILABLE"
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        if status:
+            self.status = status
+
+
+def worker_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """What a worker inherits: ours minus nothing surprising, plus what the forkserver must know."""
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra or {})
+    return env
+
+
+class Forkserver:
+    """The forkserver child process and its event stream."""
+
+    def __init__(self, log_level: str = "info"):
+        self.log_level = log_level
+        self.process: asyncio.subprocess.Process | None = None
+        self._events: asyncio.Queue = asyncio.Queue()  # started / rejected, in request order
+        self._exits: dict[int, asyncio.Future] = {}
+        self._lock = asyncio.Lock()
+        self._reader: asyncio.Task | None = None
+        self.preload_seconds = 0.0
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ksleep.worker.forkserver",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            env=worker_environment({"KSLEEP_LOG_LEVEL": self.log_level}),
+        )
+        ready = await framing.read_async(self.process.stdout, forkserver_pb2.ForkserverEvent)
+        if ready is None or ready.WhichOneof("event") != "ready":
+            code = await self.process.wait()
+            raise WorkerStartError(f"the forkserver exited with code {code} before it was ready")
+        self.preload_seconds = ready.ready.preload_seconds
+        self._reader = asyncio.create_task(self._read_events())
+        log.info("forkserver %d ready (preloaded in %.1f s)", self.process.pid, self.preload_seconds)
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def _read_events(self) -> None:
+        while (event := await framing.read_async(self.process.stdout, forkserver_pb2.ForkserverEvent)) is not None:
+            kind = event.WhichOneof("event")
+            if kind == "exited":
+                future = self.exit_future(event.exited.pid)
+                if not future.done():
+                    future.set_result(event.exited.returncode)
+            else:
+                self._events.put_nowait(event)
+        # The forkserver is gone. Its workers may live on; their handles watch them through pidfds.
+        self._events.put_nowait(None)
+
+    def exit_future(self, pid: int) -> asyncio.Future:
+        if pid not in self._exits:
+            self._exits[pid] = asyncio.get_running_loop().create_future()
+        return self._exits[pid]
+
+    async def fork(self, settings: forkserver_pb2.WorkerSettings) -> int:
+        async with self._lock:
+            if not self.alive:
+                raise WorkerStartError("the forkserver is not running")
+            self.process.stdin.write(framing.encode(forkserver_pb2.ForkRequest(settings=settings)))
+            await self.process.stdin.drain()
+            event = await self._events.get()
+        if event is None:
+            raise WorkerStartError("the forkserver died while starting a worker")
+        if event.WhichOneof("event") == "rejected":
+            raise WorkerStartError(event.rejected.error, event.rejected.status or "INVALID_ARGUMENT")
+        return event.started.pid
+
+    async def stop(self, grace: float) -> None:
+        if self.process is None or self.process.returncode is not None:
+            return
+        self.process.stdin.close()  # end of input: the forkserver terminates its workers and exits
+        try:
+            await asyncio.wait_for(self.process.wait(), grace)
+        except asyncio.TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+        if self._reader:
+            await self._reader
+
+
+class WorkerHandle:
+    """One running worker: its pid, its channel, and a future that resolves with its exit code."""
+
+    def __init__(self, pid: int, socket_path: Path, exited: asyncio.Future):
+        self.pid = pid
+        self.socket_path = socket_path
+        self.exited = exited
+        self.channel = grpc.aio.insecure_channel(f"unix:{socket_path}", options=CHANNEL_OPTIONS)
+        self.stub = worker_pb2_grpc.WorkerStub(self.channel)
+        self.stopping = False
+        self.startup: dict[str, float] = {}  # seconds: fork (forkserver), start (fork to socket accepting)
+        self._watch_pidfd()
+
+    def _watch_pidfd(self) -> None:
+        """Also learn of the exit from the kernel, in case the forkserver that would report it is gone."""
+        try:
+            fd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return  # already gone: the forkserver reports it
+        loop = asyncio.get_running_loop()
+
+        def gone() -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            # Give the forkserver's report (which carries the exit code) a moment to arrive first.
+            loop.call_later(0.5, lambda: self.exited.done() or self.exited.set_result(None))
+
+        loop.add_reader(fd, gone)
+
+    @classmethod
+    async def launch(cls, forkserver: Forkserver, settings: forkserver_pb2.WorkerSettings) -> WorkerHandle:
+        socket_path = Path(settings.socket_path)
+        socket_path.unlink(missing_ok=True)  # a stale socket would look like a ready worker
+        t0 = time.perf_counter()
+        pid = await forkserver.fork(settings)
+        handle = cls(pid, socket_path, forkserver.exit_future(pid))
+        forked = time.perf_counter()
+        ready = asyncio.ensure_future(handle.channel.channel_ready())
+        await asyncio.wait([ready, handle.exited], return_when=asyncio.FIRST_COMPLETED)
+        handle.startup = {"fork": forked - t0, "start": time.perf_counter() - forked}
+        if not ready.done():
+            ready.cancel()
+            await handle.channel.close()
+            raise WorkerStartError(f"worker {pid} exited with code {handle.exited.result()} while loading "
+                                   f"{settings.model} (see its log above)")
+        return handle
+
+    async def stop(self, grace: float) -> int:
+        """SIGTERM, then SIGKILL after `grace` seconds; returns the exit code."""
+        self.stopping = True
+        if not self.exited.done():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(self.exited), grace)
+            except asyncio.TimeoutError:
+                log.warning("worker %d ignored SIGTERM for %.0f s; killing it", self.pid, grace)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                await self.exited
+        await self.channel.close()
+        self.socket_path.unlink(missing_ok=True)
+        return self.exited.result()

@@ -1,0 +1,66 @@
+"""Supervisor pieces that need no daemon: configuration, memory parsing, the error mapping."""
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from ksleep.supervisor.config import DaemonConfig
+from ksleep.supervisor.monitor import parse_smi_json
+from ksleep.worker.errors import AsleepError, DeviceMemoryError, PoolCapacityError
+from ksleep.worker.interceptor import status_for
+
+
+def test_flags_beat_environment_beat_toml_beat_defaults(tmp_path):
+    toml = tmp_path / "ksleep.toml"
+    toml.write_text('model = "synthetic:tiny"\nidle_timeout = 60\nsleep_level = 2\nkeep_pool = true\n')
+    config = DaemonConfig.load({"idle_timeout": 5.0}, {"KSLEEP_SLEEP_LEVEL": "3"}, str(toml))
+    assert (config.model, config.idle_timeout, config.sleep_level, config.keep_pool) == ("synthetic:tiny", 5.0, 3, True)
+    assert config.device == "auto" and config.listen.endswith("ksleepd.sock")
+
+
+@pytest.mark.parametrize("bad", [{"sleep_level": 4}, {"device": "tpu"}, {"idle_timeout": -1}, {"listen": "nowhere"},
+                                 {"listen": "localhost:99999"}, {"log_level": "loud"}])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        DaemonConfig(**bad)
+
+
+def test_bad_environment_and_unknown_toml_keys_are_named(tmp_path):
+    with pytest.raises(ValueError, match="KSLEEP_IDLE_TIMEOUT='soon' is not a valid float"):
+        DaemonConfig.load({}, {"KSLEEP_IDLE_TIMEOUT": "soon"})
+    toml = tmp_path / "k.toml"
+    toml.write_text("idle_timout = 3\n")
+    with pytest.raises(ValueError, match="unknown key\\(s\\) in .*: idle_timout"):
+        DaemonConfig.load({}, {}, str(toml))
+
+
+def test_help_documents_every_setting_and_its_environment_variable():
+    out = subprocess.run([sys.executable, "-m", "ksleep.supervisor", "start", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for name in ("model", "device", "dtype", "listen", "idle-timeout", "sleep-level", "keep-layers", "log-level", "keep-pool"):
+        assert f"--{name}" in out and f"KSLEEP_{name.upper().replace('-', '_')}" in out.replace("\n", "").replace(" ", "")
+
+
+def test_bad_flag_value_is_a_usage_error():
+    proc = subprocess.run([sys.executable, "-m", "ksleep.supervisor", "start", "--sleep-level", "9"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "sleep_level must be 1, 2 or 3" in proc.stderr
+
+
+def test_rocm_smi_and_hy_smi_json_are_read():
+    text = '{"card0": {"VRAM Total Memory (B)": "68702699520", "VRAM Total Used Memory (B)": "1234567"}}'
+    memory = parse_smi_json(text, 0)
+    assert (memory.used, memory.total, memory.process) == (1234567, 68702699520, None)
+
+
+@pytest.mark.parametrize("exc, code", [
+    (ValueError("bad"), grpc.StatusCode.INVALID_ARGUMENT),
+    (AsleepError("asleep"), grpc.StatusCode.FAILED_PRECONDITION),
+    (DeviceMemoryError("full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (PoolCapacityError("shm"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (RuntimeError("boom"), grpc.StatusCode.INTERNAL),
+])
+def test_exceptions_map_to_status_codes(exc, code):
+    assert status_for(exc)[0] == code
