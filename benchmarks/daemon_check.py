@@ -126,6 +126,7 @@ def main() -> None:
         for _ in range(2):
             pid = stub.Status(ksleep_pb2.StatusRequest()).worker_pid
             t = time.perf_counter()
+            killed_unix = time.time()
             os.kill(pid, signal.SIGKILL)
             responses = stub.Generate(request(1), timeout=600)
             tok = next(responses).token.id
@@ -133,6 +134,7 @@ def main() -> None:
             list(responses)
             st = stub.Status(ksleep_pb2.StatusRequest())
             restarts.append({"kill_to_first_token_s": total, "restart_s": st.last_restart.seconds,
+                             "kill_to_crash_noticed_s": st.last_restart.at_unix - st.last_restart.seconds - killed_unix,
                              "phases": dict(st.last_restart.phases), "load_source": st.worker_load_source,
                              "identical": tok == base[0]})
         R["restart"] = restarts

@@ -7,11 +7,13 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 src=/tmp/ksleep-src
 rm -rf "$src" && mkdir -p "$src/ksleep"
-for pkg in worker supervisor client proto; do
-  [ -d "$root/$pkg" ] && ln -s "$root/$pkg" "$src/ksleep/$pkg"
+for pkg in worker supervisor client; do
+  if [ -d "$root/$pkg" ]; then ln -s "$root/$pkg" "$src/ksleep/$pkg"; fi
 done
+ln -s "$root/proto/ksleep/v1" "$src/ksleep/v1"
 export PYTHONPATH="$src:$root${PYTHONPATH:+:$PYTHONPATH}"
-if ! python3 -c "import pytest, pytest_timeout" 2>/dev/null && [ -d "$root/_carry/wheels" ]; then
-  python3 -m pip install -q --no-index --find-links "$root/_carry/wheels" pytest pytest-timeout >/dev/null
+if ! python3 -c "import pytest, pytest_timeout, grpc_health, grpc_reflection" 2>/dev/null && [ -d "$root/_carry/wheels" ]; then
+  python3 -m pip install -q --no-deps --no-index --find-links "$root/_carry/wheels" pytest pytest-timeout \
+    pluggy iniconfig grpcio-health-checking grpcio-reflection >/dev/null
 fi
 exec "$@"

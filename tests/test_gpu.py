@@ -99,3 +99,15 @@ def test_corruption_is_caught_by_the_device_checksum(gpu_engine):
 def test_block_sums_agree_between_host_and_device():
     data = torch.randint(0, 256, (3 << 21,), dtype=torch.uint8)
     assert torch.equal(block_sums(data), block_sums(data.cuda()).cpu())
+
+
+def test_an_attaching_worker_copies_through_staging_then_pins_in_the_background(gpu_engine):
+    first = gpu_engine()
+    baseline = first.complete(PROMPT, GREEDY).token_ids
+    second = gpu_engine()  # same pool: attached, not yet pinned in this engine's mapping
+    assert second.load_report.pool == "attached" and second._staging is not None
+    assert second.complete(PROMPT, GREEDY).token_ids == baseline
+    second._pool.wait_pinned()
+    second.sleep(1)
+    assert second.wake().source == "mirror" and second._staging is None  # pinned now: straight DMA
+    assert second.complete(PROMPT, GREEDY).token_ids == baseline

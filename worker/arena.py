@@ -16,6 +16,7 @@ import torch
 from .errors import DeviceMemoryError, PoolCorruptError
 from .layout import ArenaLayout
 from .pool import BLOCK_BYTES, PIN_CHUNK, block_sums
+from .staging import StagingRing
 from .vmm import VirtualRange, vmm_unavailable_reason
 
 log = logging.getLogger(__name__)
@@ -121,23 +122,25 @@ class DeviceArena:
         return freed
 
     def copy_from(self, host: torch.Tensor, blocks: list[Block], expected: torch.Tensor | None = None,
-                  before_chunk=None) -> torch.Tensor | None:
+                  staging: StagingRing | None = None) -> torch.Tensor | None:
         """Queue the copy of `blocks` from the host mirror; with `expected` (all block sums, on this device),
         also queue their verification, chunk by chunk on a side stream so that it overlaps the copy.
-        `before_chunk(offset)` is called before each chunk is queued (the pool waits there for its pinning).
+        `staging` carries the copy through pinned buffers when the mirror is not pinned (yet).
 
         Returns a device tensor of per-chunk mismatch flags to hand to `confirm` (None without `expected`).
         """
-        chunks = [(lo, min(b.end, (lo // COPY_CHUNK + 1) * COPY_CHUNK)) for b in blocks
-                  for lo in [b.start, *range((b.start // COPY_CHUNK + 1) * COPY_CHUNK, b.end, COPY_CHUNK)]]
+        size = staging.nbytes if staging is not None else COPY_CHUNK
+        chunks = [(lo, min(b.end, (lo // size + 1) * size)) for b in blocks
+                  for lo in [b.start, *range((b.start // size + 1) * size, b.end, size)]]
         main = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         flags = []
         for lo, hi in chunks:
-            if before_chunk is not None:
-                before_chunk(lo)
             block = self.blocks[bisect.bisect_right(self._starts, lo) - 1]
             dst = self._tensors[block.start][lo - block.start : hi - block.start]
-            dst.copy_(host[lo:hi], non_blocking=True)
+            if staging is not None:
+                staging.send(dst, host[lo:hi])
+            else:
+                dst.copy_(host[lo:hi], non_blocking=True)
             if expected is None:
                 continue
             want = expected[lo // BLOCK_BYTES : hi // BLOCK_BYTES]

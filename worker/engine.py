@@ -28,6 +28,7 @@ from .pool import MANIFEST_VERSION, PoolManifest, WeightPool
 from .poolfiles import remove_pool_files
 from .reports import LoadReport, Phases, SleepResult, WakeResult
 from .skeleton import ModelSkeleton
+from .staging import StagingRing
 from .prepared import PreparedModel
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Engine:
         self._streams = 0
         self._last_restore_verified = False
         self._pool_verified = False  # the attached pool passed a checksum at least once
+        self._staging: StagingRing | None = None
         self._phases = Phases(device)
         self._state = EngineState.ASLEEP
         self.sleep_level = 0
@@ -103,10 +105,9 @@ class Engine:
             log.warning("%s; rebuilding the pool", exc)
             remove_pool_files(self.config.shm_dir, self.pool_name)
         how = "attached" if self._pool is not None else "created"
-        if self._pool is not None and self.device.type == "cuda":
-            self._pool.pin()  # in the background: the copy follows chunk by chunk
         if not awake and self._pool is not None:  # verified on the first wake
-            self._pool.wait_pinned()
+            if self.device.type == "cuda":
+                self._pool.pin()
             self._state, self.sleep_level = EngineState.ASLEEP, 1
             return how
         blocks = self.arena.allocate()
@@ -159,12 +160,12 @@ class Engine:
             if self._expected is None:
                 self._expected = torch.from_numpy(pool.manifest.block_sums).to(self.device)
             verify = self.config.verify_on_wake or not self._pool_verified  # always the first time
-            pinning = pool.wait_pinned if self.device.type == "cuda" else None
-            flags = self.arena.copy_from(pool.tensor, blocks, self._expected if verify else None, pinning)
+            flags = self.arena.copy_from(pool.tensor, blocks, self._expected if verify else None,
+                                         self._staging_for(pool))
             self.skeleton.bind(self.arena.views())  # host-side work while the copy runs
             self.arena.confirm(flags)
-            if pinning is not None:
-                pool.wait_pinned()  # every chunk, including those of resident blocks: logs the pinning time
+            if self.device.type == "cuda":
+                pool.pin()  # no-op once started: later wakes copy straight from the pinned mirror
             self._pool_verified = self._pool_verified or verify
             self._phases.mark("copy_verify_bind")
         except PoolCorruptError as exc:
@@ -173,6 +174,16 @@ class Engine:
             return self._restore(blocks)
         self._last_restore_verified = verify
         return "mirror"
+
+    def _staging_for(self, pool: WeightPool) -> StagingRing | None:
+        """Pinned staging buffers while the mirror is not pinned (yet) in this process; None once it is."""
+        if self.device.type != "cuda" or pool.pinned:
+            if self._staging is not None:
+                self._staging.close()
+                self._staging = None
+            return None
+        self._staging = self._staging or StagingRing(self.device)
+        return self._staging
 
     def _drop_pool(self, unlink: bool) -> None:
         if self._pool is not None:
@@ -304,6 +315,8 @@ class Engine:
                 return
             self.skeleton.unbind()
             self.arena.close()
+            if self._staging is not None:
+                self._staging.close()
             self._drop_pool(unlink=remove_pool)
             self._state = EngineState.CLOSED
 
