@@ -163,8 +163,6 @@ class Engine:
             flags = self.arena.copy_from(pool.tensor, blocks, self._expected if verify else None,
                                          self._staging_for(pool))
             self.skeleton.bind(self.arena.views())  # host-side work while the copy runs
-            if self.load_report is None and self.device.type == "cuda":
-                self._warm_up()
             self.arena.confirm(flags)
             if self.device.type == "cuda":
                 pool.pin()  # no-op once started: later wakes copy straight from the pinned mirror
@@ -176,16 +174,6 @@ class Engine:
             return self._restore(blocks)
         self._last_restore_verified = verify
         return "mirror"
-
-    def _warm_up(self) -> None:
-        """A fresh process loads its kernels and creates its cuBLAS handle on its first forward (~0.5 s for a
-        7B): do that now, on a side stream, while the weights are still being copied. The output is discarded
-        (the weights it read were half copied), so nothing is ever computed from it."""
-        stream = torch.cuda.Stream(self.device)  # not ordered after the copy: that is the point
-        with torch.cuda.stream(stream), torch.inference_mode():
-            self.skeleton.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device),
-                                past_key_values=DynamicCache(config=self.skeleton.config), use_cache=True)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
 
     def _staging_for(self, pool: WeightPool) -> StagingRing | None:
         """Pinned staging buffers while the mirror is not pinned (yet) in this process; None once it is."""
