@@ -8,9 +8,7 @@
 from __future__ import annotations
 
 import enum
-import hashlib
 import logging
-import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -24,7 +22,7 @@ from .errors import AsleepError, BusyError, ClosedError, PoolCorruptError
 from .generation import Completion, SamplingParams, TokenEvent, stream_tokens
 from .layout import ArenaLayout
 from .memory import MemoryReport, measure
-from .pool import MANIFEST_VERSION, PoolManifest, WeightPool
+from .pool import PoolManifest, WeightPool, pool_name
 from .poolfiles import remove_pool_files
 from .reports import LoadReport, Phases, SleepResult, WakeResult
 from .skeleton import ModelSkeleton
@@ -38,13 +36,6 @@ class EngineState(str, enum.Enum):
     AWAKE = "awake"
     ASLEEP = "asleep"
     CLOSED = "closed"
-
-
-def pool_name(prefix: str, source, dtype: torch.dtype, layout: ArenaLayout) -> str:
-    """Named after the model's identity, dtype and layout: a pool is only ever attached by an equal model."""
-    key = f"{MANIFEST_VERSION}|{source.identity}|{dtype}|{layout.signature()}"
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", source.name.rsplit("/", 1)[-1]).strip("-").lower()[:40]
-    return f"{prefix}-{slug}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 class Engine:

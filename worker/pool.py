@@ -9,6 +9,8 @@ A pool is built under `<name>.pool.tmp-<pid>` and renamed into place only once i
 from __future__ import annotations
 
 import base64
+import hashlib
+import re
 import errno
 import json
 import logging
@@ -247,3 +249,10 @@ def remove_stale(shm_dir: Path, name: str) -> None:
         if pid.isdigit() and not psutil.pid_exists(int(pid)):
             log.warning("removing %s, left by process %s", tmp, pid)
             tmp.unlink(missing_ok=True)
+
+
+def pool_name(prefix: str, source, dtype: torch.dtype, layout: ArenaLayout) -> str:
+    """Named after the model's identity, dtype and layout: a pool is only ever attached by an equal model."""
+    key = f"{MANIFEST_VERSION}|{source.identity}|{dtype}|{layout.signature()}"
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", source.name.rsplit("/", 1)[-1]).strip("-").lower()[:40]
+    return f"{prefix}-{slug}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
