@@ -131,10 +131,12 @@ def main() -> None:
             responses = stub.Generate(request(1), timeout=600)
             tok = next(responses).token.id
             total = time.perf_counter() - t
+            first_unix = time.time()
             list(responses)
             st = stub.Status(ksleep_pb2.StatusRequest())
             restarts.append({"kill_to_first_token_s": total, "restart_s": st.last_restart.seconds,
                              "kill_to_crash_noticed_s": st.last_restart.at_unix - st.last_restart.seconds - killed_unix,
+                             "restart_start_to_first_token_s": first_unix - (st.last_restart.at_unix - st.last_restart.seconds),
                              "phases": dict(st.last_restart.phases), "load_source": st.worker_load_source,
                              "identical": tok == base[0]})
         R["restart"] = restarts
@@ -149,7 +151,9 @@ def main() -> None:
           f" client - daemon {L1['client_minus_daemon_median_ms']:.2f} ms")
     print(f"L3 asleep: our device bytes (NVML)   {R['level3']['our_device_bytes_asleep_nvml']}; wake to first token {R['level3']['ttft_client_s']:.3f} s")
     for r in R["restart"]:
-        print(f"restart: kill to first token        {r['kill_to_first_token_s']:.3f} s ({r['load_source']}); phases {r['phases']}")
+        print(f"restart: kill to first token        {r['kill_to_first_token_s']:.3f} s ({r['load_source']}); crash noticed after "
+              f"{r['kill_to_crash_noticed_s']:.3f} s; restart to first token {r['restart_start_to_first_token_s']:.3f} s; "
+              f"phases {r['phases']}")
     if args.json:
         args.json.write_text(json.dumps(R, indent=1))
 
