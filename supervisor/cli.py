@@ -16,7 +16,15 @@ from grpc_health.v1 import health_pb2
 
 from .config import DaemonConfig
 from .lifecycle import Lifecycle
-from .server import build_server
+from .server import KsleepService, build_server
+
+
+async def start_http(config: DaemonConfig, service: KsleepService):
+    from .http import HttpFace  # fastapi and uvicorn are imported only when the HTTP face is on
+
+    face = HttpFace(config, service)
+    await face.start()
+    return face
 
 log = logging.getLogger("ksleepd")
 
@@ -73,18 +81,18 @@ async def serve(config: DaemonConfig) -> int:
             log.error("cannot start: %s", error)
         await lifecycle.stop()
         return 1 if error is not None else 0
-    server, health = await build_server(config, lifecycle)
-    old_umask = os.umask(0o077)  # the unix socket is created 0600
-    try:
-        await server.start()
-    finally:
-        os.umask(old_umask)
+    service = KsleepService(lifecycle, lifecycle.metrics)
+    server, health = await build_server(config, service)
+    http = await start_http(config, service) if config.http else None
+    await server.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("ksleepd serving %s on %s (idle timeout %s s, sleep level %d)", config.model, config.listen,
              config.idle_timeout, config.sleep_level)
     await stop.wait()
     log.info("shutting down")
     await health.enter_graceful_shutdown()
+    if http is not None:
+        await http.stop()
     await server.stop(config.grace)
     await lifecycle.stop()
     if config.unix_socket:

@@ -51,6 +51,8 @@ class DaemonConfig:
     grace: float = field(default=5.0, metadata={"help": "seconds a worker gets to stop after SIGTERM before SIGKILL"})
     sample_interval: float = field(default=1.0, metadata={"help": "seconds between memory samples"})
     history: int = field(default=3600, metadata={"help": "memory samples kept for Status(include_history)"})
+    http: str = field(default="", metadata={"help": "serve the OpenAI-compatible HTTP face on [HOST:]PORT (127.0.0.1 unless a host is given); off when empty"})
+    control_token: str = field(default="", metadata={"help": "require 'authorization: Bearer TOKEN' for Sleep/WakeUp (gRPC) and /sleep, /wake_up (HTTP)"})
 
     def __post_init__(self) -> None:
         device = self.device
@@ -70,6 +72,8 @@ class DaemonConfig:
             raise ValueError("vmm must be auto, on or off")
         if self.grace <= 0 or self.sample_interval <= 0 or self.history < 1:
             raise ValueError("grace and sample_interval must be > 0 and history >= 1")
+        if self.http:
+            self.http_address  # validates
         if not self.listen.startswith("unix:") and not self.listen.startswith("/"):
             host, _, port = self.listen.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -94,6 +98,13 @@ class DaemonConfig:
             elif name in table:
                 values[name] = table[name]
         return cls(**values)
+
+    @property
+    def http_address(self) -> tuple[str, int]:
+        host, _, port = self.http.rpartition(":")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"http {self.http!r} is not [HOST:]PORT")
+        return host or "127.0.0.1", int(port)
 
     @property
     def unix_socket(self) -> Path | None:

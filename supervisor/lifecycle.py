@@ -22,6 +22,7 @@ from ksleep.worker.poolfiles import data_path, remove_pool_files
 
 from .config import DaemonConfig, runtime_dir
 from .launcher import Forkserver, WorkerHandle
+from .metrics import Metrics
 from .monitor import DeviceMemory, MemoryHistory, select_backend
 
 log = logging.getLogger("ksleep.lifecycle")
@@ -49,8 +50,10 @@ class Ticket:
 
 
 class Lifecycle:
-    def __init__(self, config: DaemonConfig):
+    def __init__(self, config: DaemonConfig, metrics: Metrics | None = None):
         self.config = config
+        self.metrics = metrics or Metrics()
+        self.metrics.watch(self)
         self.forkserver = Forkserver(config.log_level)
         self.worker: WorkerHandle | None = None
         self.worker_info: worker_pb2.WorkerStatusResponse | None = None
@@ -241,6 +244,7 @@ class Lifecycle:
             self.state, self.sleep_level = S.STATE_AWAKE, 0
             self.wakes_total += 1
             self.last_wake = wake
+            self.metrics.wake_seconds.observe(wake.seconds)
             log.info("awake in %.3f s (%s)", wake.seconds, wake.source)
         self._record()
 
@@ -289,6 +293,7 @@ class Lifecycle:
         self.state, self.sleep_level = S.STATE_ASLEEP, max(level, self.sleep_level)
         self.sleeps_total += 1
         self.last_sleep = sleep
+        self.metrics.sleep_seconds.observe(sleep.seconds)
         log.info("asleep at level %d in %.3f s", level, sleep.seconds)
         self._record()
         return sleep

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from importlib.metadata import PackageNotFoundError, version
 
@@ -13,8 +14,10 @@ from grpc_reflection.v1alpha import reflection
 from ksleep.v1 import common_pb2, ksleep_pb2, ksleep_pb2_grpc, worker_pb2
 from ksleep.worker.interceptor import ErrorInterceptor
 
+from .auth import ControlTokenInterceptor
 from .config import DaemonConfig
 from .lifecycle import Lifecycle, SleepAbortedError, WorkerGoneError
+from .metrics import Metrics
 
 log = logging.getLogger("ksleep.server")
 SERVICE = ksleep_pb2.DESCRIPTOR.services_by_name["Ksleep"].full_name
@@ -28,8 +31,11 @@ except PackageNotFoundError:  # running from a source tree
 
 
 class KsleepService(ksleep_pb2_grpc.KsleepServicer):
-    def __init__(self, lifecycle: Lifecycle):
+    """The public API; the HTTP face calls the same methods (with context=None)."""
+
+    def __init__(self, lifecycle: Lifecycle, metrics: Metrics):
         self.lifecycle = lifecycle
+        self.metrics = metrics
 
     async def Generate(self, request: ksleep_pb2.GenerateRequest, context):
         arrived = time.time()
@@ -63,9 +69,13 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
                     ttft = ticket.first_token_seconds = token.elapsed_seconds
                 message = ksleep_pb2.GenerateResponse(token=token)
                 if token.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                    total = time.time() - ticket.arrived_unix
                     message.summary.CopyFrom(ksleep_pb2.GenerateSummary(
                         prompt_tokens=prompt_tokens, completion_tokens=completion, ttft_seconds=ttft,
-                        total_seconds=time.time() - ticket.arrived_unix, woke=ticket.woke))
+                        total_seconds=total, woke=ticket.woke))
+                    self.metrics.ttft_seconds.observe(ttft)
+                    self.metrics.request_seconds.observe(total)
+                    self.metrics.tokens.inc(completion)
                 yield message
         except BaseException as exc:
             # A cancelled worker call raises CancelledError: ours when SLEEP_MODE_ABORT did it.
@@ -126,15 +136,21 @@ def status_message(lc: Lifecycle, include_history: bool = False) -> ksleep_pb2.S
     return out
 
 
-async def build_server(config: DaemonConfig, lifecycle: Lifecycle) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=[
+async def build_server(config: DaemonConfig, service: KsleepService) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
+    interceptors = [ControlTokenInterceptor(config.control_token), ErrorInterceptor(on_error=service.metrics.error)]
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)])
-    ksleep_pb2_grpc.add_KsleepServicer_to_server(KsleepService(lifecycle), server)
+    ksleep_pb2_grpc.add_KsleepServicer_to_server(service, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
     address = f"unix:{config.unix_socket}" if config.unix_socket else config.listen
-    if server.add_insecure_port(address) == 0 and not config.unix_socket:
+    old_umask = os.umask(0o177)  # grpc creates the unix socket here: mode 0600, only our user may connect
+    try:
+        port = server.add_insecure_port(address)
+    finally:
+        os.umask(old_umask)
+    if port == 0 and not config.unix_socket:
         raise OSError(f"cannot listen on {config.listen}")
     return server, health

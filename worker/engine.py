@@ -240,10 +240,12 @@ class Engine:
                               self._last_restore_verified, self._phases.seconds, level)
 
     # -- generation -----------------------------------------------------------------------------------------
-    def encode(self, prompt: str | Sequence[int], max_tokens: int) -> list[int]:
-        """Prompt token ids, checked against the vocabulary and the model's context."""
+    def encode(self, prompt: str | Sequence[int] | Sequence[dict], max_tokens: int) -> list[int]:
+        """Prompt token ids (from text, ids, or chat messages), checked against the vocabulary and the context."""
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt).input_ids
+        elif prompt and all(isinstance(m, dict) for m in prompt):
+            ids = self._chat_ids(prompt)
         else:
             ids = list(prompt)
             vocab = int(self.skeleton.config.vocab_size)
@@ -257,6 +259,15 @@ class Engine:
                 f"model's context of {self.context_tokens} tokens"
             )
         return ids
+
+    def _chat_ids(self, messages: Sequence[dict]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"{self.config.model} has no chat template: send a text prompt instead")
+        if any(not isinstance(m.get("role"), str) or not m["role"] or not isinstance(m.get("content"), str)
+               for m in messages):
+            raise ValueError("every chat message needs a non-empty role and a string content")
+        rendered = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(rendered, add_special_tokens=False).input_ids
 
     def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                  started: float | None = None) -> Iterator[TokenEvent]:

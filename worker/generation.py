@@ -60,10 +60,13 @@ class SamplingParams:
         return cls(stop=tuple(pb.stop), **fields)
 
 
-def prompt_from_pb(pb: common_pb2.Prompt) -> str | list[int]:
+def prompt_from_pb(pb: common_pb2.Prompt) -> str | list[int] | list[dict]:
+    """Text, token ids, or chat messages as [{"role": ..., "content": ...}]."""
     kind = pb.WhichOneof("input")
     if kind is None:
-        raise ValueError("prompt is missing: set prompt.text or prompt.token_ids")
+        raise ValueError("prompt is missing: set prompt.text, prompt.token_ids or prompt.chat")
+    if kind == "chat":
+        return [{"role": m.role, "content": m.content} for m in pb.chat.messages]
     return pb.text if kind == "text" else list(pb.token_ids.ids)
 
 

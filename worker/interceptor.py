@@ -32,8 +32,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str, on_error) -> None:
     code, message = status_for(exc)
+    if on_error is not None:
+        on_error(code.name)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("%s failed", method, exc_info=exc)
     else:
@@ -42,6 +44,9 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, on_error=None):
+        self.on_error = on_error  # called with the status code name of every error (metrics)
+
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or handler.request_streaming:
@@ -56,7 +61,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as exc:  # noqa: BLE001 - every error leaves as a status
-                    await _abort(context, exc, method)
+                    await _abort(context, exc, method, self.on_error)
 
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream:
@@ -69,7 +74,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as exc:  # noqa: BLE001
-                    await _abort(context, exc, method)
+                    await _abort(context, exc, method, self.on_error)
 
             return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
         return handler

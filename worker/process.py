@@ -57,12 +57,12 @@ async def _serve(settings: forkserver_pb2.WorkerSettings, prepared: PreparedMode
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     socket = Path(settings.socket_path)
     socket.unlink(missing_ok=True)
-    old_umask = os.umask(0o077)  # the socket is created 0600: only our user may drive the GPU
+    old_umask = os.umask(0o177)  # the socket is created 0600: only our user may drive the GPU
     try:
         server.add_insecure_port(f"unix:{socket}")
-        await server.start()
     finally:
         os.umask(old_umask)
+    await server.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s (%s)", config.model, socket, engine.load_report)
     await stop.wait()

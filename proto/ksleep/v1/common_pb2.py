@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ksleep/v1/common.proto\x12\tksleep.v1\"k\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12/\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x1a.ksleep.v1.Prompt.TokenIdsH\x00\x1a\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\rB\x07\n\x05input\"\xf0\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x17\n\nignore_eos\x18\x07 \x01(\x08H\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eos\"y\n\x05Token\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.ksleep.v1.FinishReason\x12\x17\n\x0f\x65lapsed_seconds\x18\x05 \x01(\x01\"\xfc\x01\n\x06Memory\x12\x13\n\x0b\x61rena_bytes\x18\x01 \x01(\x04\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x03 \x01(\x04\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x04 \x01(\x04\x12\x19\n\x11\x64\x65vice_used_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12\x64\x65vice_total_bytes\x18\x06 \x01(\x04\x12!\n\x14process_device_bytes\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x14\n\x0cmirror_bytes\x18\x08 \x01(\x04\x12\x11\n\trss_bytes\x18\t \x01(\x04\x42\x17\n\x15_process_device_bytes\"\xbe\x01\n\nTransition\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\r\n\x05level\x18\x03 \x01(\r\x12\x0f\n\x07\x61t_unix\x18\x04 \x01(\x01\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x31\n\x06phases\x18\x06 \x03(\x0b\x32!.ksleep.v1.Transition.PhasesEntry\x1a-\n\x0bPhasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03*\x8d\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_LOADING\x10\x01\x12\x0f\n\x0bSTATE_AWAKE\x10\x02\x12\x12\n\x0eSTATE_SLEEPING\x10\x03\x12\x10\n\x0cSTATE_ASLEEP\x10\x04\x12\x10\n\x0cSTATE_WAKING\x10\x05\x12\x11\n\rSTATE_STOPPED\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ksleep/v1/common.proto\x12\tksleep.v1\"\xfa\x01\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12/\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x1a.ksleep.v1.Prompt.TokenIdsH\x00\x12&\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x16.ksleep.v1.Prompt.ChatH\x00\x1a\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\x1a,\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x1a\x37\n\x04\x43hat\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.ksleep.v1.Prompt.ChatMessageB\x07\n\x05input\"\xf0\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x17\n\nignore_eos\x18\x07 \x01(\x08H\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eos\"y\n\x05Token\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.ksleep.v1.FinishReason\x12\x17\n\x0f\x65lapsed_seconds\x18\x05 \x01(\x01\"\xfc\x01\n\x06Memory\x12\x13\n\x0b\x61rena_bytes\x18\x01 \x01(\x04\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x03 \x01(\x04\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x04 \x01(\x04\x12\x19\n\x11\x64\x65vice_used_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12\x64\x65vice_total_bytes\x18\x06 \x01(\x04\x12!\n\x14process_device_bytes\x18\x07 \x01(\x04H\x00\x88\x01\x01\x12\x14\n\x0cmirror_bytes\x18\x08 \x01(\x04\x12\x11\n\trss_bytes\x18\t \x01(\x04\x42\x17\n\x15_process_device_bytes\"\xbe\x01\n\nTransition\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\x12\r\n\x05level\x18\x03 \x01(\r\x12\x0f\n\x07\x61t_unix\x18\x04 \x01(\x01\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x31\n\x06phases\x18\x06 \x03(\x0b\x32!.ksleep.v1.Transition.PhasesEntry\x1a-\n\x0bPhasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03*\x8d\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_LOADING\x10\x01\x12\x0f\n\x0bSTATE_AWAKE\x10\x02\x12\x12\n\x0eSTATE_SLEEPING\x10\x03\x12\x10\n\x0cSTATE_ASLEEP\x10\x04\x12\x10\n\x0cSTATE_WAKING\x10\x05\x12\x11\n\rSTATE_STOPPED\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,22 +33,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRANSITION_PHASESENTRY']._loaded_options = None
   _globals['_TRANSITION_PHASESENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=960
-  _globals['_FINISHREASON']._serialized_end=1078
-  _globals['_STATE']._serialized_start=1081
-  _globals['_STATE']._serialized_end=1222
-  _globals['_PROMPT']._serialized_start=37
-  _globals['_PROMPT']._serialized_end=144
-  _globals['_PROMPT_TOKENIDS']._serialized_start=112
-  _globals['_PROMPT_TOKENIDS']._serialized_end=135
-  _globals['_SAMPLINGPARAMS']._serialized_start=147
-  _globals['_SAMPLINGPARAMS']._serialized_end=387
-  _globals['_TOKEN']._serialized_start=389
-  _globals['_TOKEN']._serialized_end=510
-  _globals['_MEMORY']._serialized_start=513
-  _globals['_MEMORY']._serialized_end=765
-  _globals['_TRANSITION']._serialized_start=768
-  _globals['_TRANSITION']._serialized_end=958
-  _globals['_TRANSITION_PHASESENTRY']._serialized_start=913
-  _globals['_TRANSITION_PHASESENTRY']._serialized_end=958
+  _globals['_FINISHREASON']._serialized_start=1104
+  _globals['_FINISHREASON']._serialized_end=1222
+  _globals['_STATE']._serialized_start=1225
+  _globals['_STATE']._serialized_end=1366
+  _globals['_PROMPT']._serialized_start=38
+  _globals['_PROMPT']._serialized_end=288
+  _globals['_PROMPT_TOKENIDS']._serialized_start=153
+  _globals['_PROMPT_TOKENIDS']._serialized_end=176
+  _globals['_PROMPT_CHATMESSAGE']._serialized_start=178
+  _globals['_PROMPT_CHATMESSAGE']._serialized_end=222
+  _globals['_PROMPT_CHAT']._serialized_start=224
+  _globals['_PROMPT_CHAT']._serialized_end=279
+  _globals['_SAMPLINGPARAMS']._serialized_start=291
+  _globals['_SAMPLINGPARAMS']._serialized_end=531
+  _globals['_TOKEN']._serialized_start=533
+  _globals['_TOKEN']._serialized_end=654
+  _globals['_MEMORY']._serialized_start=657
+  _globals['_MEMORY']._serialized_end=909
+  _globals['_TRANSITION']._serialized_start=912
+  _globals['_TRANSITION']._serialized_end=1102
+  _globals['_TRANSITION_PHASESENTRY']._serialized_start=1057
+  _globals['_TRANSITION_PHASESENTRY']._serialized_end=1102
 # @@protoc_insertion_point(module_scope)

@@ -36,17 +36,31 @@ STATE_WAKING: State
 STATE_STOPPED: State
 
 class Prompt(_message.Message):
-    __slots__ = ("text", "token_ids")
+    __slots__ = ("text", "token_ids", "chat")
     class TokenIds(_message.Message):
         __slots__ = ("ids",)
         IDS_FIELD_NUMBER: _ClassVar[int]
         ids: _containers.RepeatedScalarFieldContainer[int]
         def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    class ChatMessage(_message.Message):
+        __slots__ = ("role", "content")
+        ROLE_FIELD_NUMBER: _ClassVar[int]
+        CONTENT_FIELD_NUMBER: _ClassVar[int]
+        role: str
+        content: str
+        def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+    class Chat(_message.Message):
+        __slots__ = ("messages",)
+        MESSAGES_FIELD_NUMBER: _ClassVar[int]
+        messages: _containers.RepeatedCompositeFieldContainer[Prompt.ChatMessage]
+        def __init__(self, messages: _Optional[_Iterable[_Union[Prompt.ChatMessage, _Mapping]]] = ...) -> None: ...
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: Prompt.TokenIds
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[Prompt.TokenIds, _Mapping]] = ...) -> None: ...
+    chat: Prompt.Chat
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[Prompt.TokenIds, _Mapping]] = ..., chat: _Optional[_Union[Prompt.Chat, _Mapping]] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")

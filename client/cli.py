@@ -1,0 +1,174 @@
+"""ksleepctl: talk to ksleepd from a shell.
+
+Exit codes: 0 ok, 1 server error, 2 bad argument, 3 daemon unreachable, 4 not authorised (control token).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from .client import Client
+from .errors import InvalidArgument, KsleepClientError, PermissionDenied, Unauthenticated, Unavailable
+from .types import Status
+
+EXIT_OK, EXIT_SERVER, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_AUTH = 0, 1, 2, 3, 4
+STATE_STYLE = {"awake": "bold green", "asleep": "bold blue", "sleeping": "yellow", "waking": "yellow",
+               "loading": "yellow", "stopped": "bold red"}
+
+
+def human(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def bar(used: int, total: int, width: int = 30) -> str:
+    filled = round(width * used / total) if total else 0
+    return "█" * filled + "░" * (width - filled) + f" {human(used)} / {human(total)}"
+
+
+def status_table(s: Status) -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="dim")
+    table.add_column()
+    state = f"[{STATE_STYLE.get(s.state, '')}]{s.state}[/]" + (f" (level {s.sleep_level})" if s.sleep_level else "")
+    table.add_row("state", state)
+    table.add_row("model", f"{s.model} on {s.device} ({human(s.weight_bytes)} of weights)")
+    table.add_row("device memory", bar(s.device_used_bytes, s.device_total_bytes) + f"  [dim]({s.memory_source})[/]")
+    table.add_row("worker", f"pid {s.worker_pid or '-'}, {human(s.worker_device_bytes)} on the device, "
+                            f"weights {s.worker_load_source or '-'}, {s.restarts} restart(s)")
+    table.add_row("pool", human(s.pool_bytes))
+    if s.idle_timeout_seconds:
+        left = max(0.0, s.idle_timeout_seconds - s.idle_seconds)
+        idle = f"{s.idle_seconds:.1f} s of {s.idle_timeout_seconds:.0f} s" + (f" (sleeps in {left:.0f} s)" if s.state == "awake" else "")
+    else:
+        idle = f"{s.idle_seconds:.1f} s (auto-sleep off)"
+    table.add_row("requests", f"{s.in_flight} in flight; idle {idle}")
+    for name, t in (("last sleep", s.last_sleep), ("last wake", s.last_wake)):
+        if t:
+            verb = "freed" if name == "last sleep" else "restored"
+            table.add_row(name, f"level {t['level']}: {verb} {human(t['bytes'])} in {t['seconds']:.3f} s"
+                          + (f" ({t['source']})" if t.get("source") else ""))
+    if s.last_ttft_seconds is not None:
+        table.add_row("last TTFT", f"{s.last_ttft_seconds:.3f} s")
+    table.add_row("totals", f"{s.sleeps_total} sleeps, {s.wakes_total} wakes; up {s.uptime_seconds:.0f} s; v{s.version}")
+    return table
+
+
+def cmd_status(client: Client, args, console: Console) -> int:
+    if args.json:
+        print(json.dumps(client.status(history=args.history).to_dict(), indent=2))
+        return EXIT_OK
+    if not args.watch:
+        console.print(status_table(client.status()))
+        return EXIT_OK
+    with Live(status_table(client.status()), console=console, refresh_per_second=4) as live:
+        try:
+            while True:
+                time.sleep(args.watch)  # a display refresh, not a wait for a condition
+                live.update(status_table(client.status()))
+        except KeyboardInterrupt:
+            return EXIT_OK
+
+
+def cmd_sleep(client: Client, args, console: Console) -> int:
+    with console.status("putting the model to sleep..."):
+        r = client.sleep(args.level, abort=args.abort)
+    console.print(f"asleep (level {r['level']}): freed {human(r['bytes'])} in {r['seconds']:.3f} s"
+                  + (f"; aborted {r['aborted_requests']} request(s)" if r["aborted_requests"] else ""))
+    return EXIT_OK
+
+
+def cmd_wake(client: Client, args, console: Console) -> int:
+    with console.status("waking the model..."):
+        r = client.wake()
+    if not r["source"]:
+        console.print("already awake")
+    else:
+        console.print(f"awake: restored {human(r['bytes'])} in {r['seconds']:.3f} s (from {r['source']})")
+    return EXIT_OK
+
+
+def cmd_generate(client: Client, args, console: Console) -> int:
+    params = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                  seed=args.seed, stop=args.stop or None)
+    if args.json or args.no_stream:
+        done = client.complete(args.prompt, **params)
+        if args.json:
+            print(json.dumps({k: getattr(done, k) for k in ("text", "token_ids", "finish_reason", "ttft_seconds",
+                                                             "total_seconds")}))
+        else:
+            print(done.text)
+        return EXIT_OK
+    for token in client.generate(args.prompt, **params):
+        sys.stdout.write(token.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ksleepctl", description="Control and query ksleepd.")
+    parser.add_argument("--address", help="unix:/path, /path or HOST:PORT (default $KSLEEP_ADDRESS, else ksleepd's socket)")
+    parser.add_argument("--token", help="control token for sleep/wake (default $KSLEEP_CONTROL_TOKEN)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per call (default: none)")
+    parser.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to wait for the daemon")
+    commands = parser.add_subparsers(dest="command", required=True)
+    status = commands.add_parser("status", help="state, memory, idle timer, last sleep/wake")
+    status.add_argument("--json", action="store_true", help="every Status field as JSON")
+    status.add_argument("--history", action="store_true", help="with --json: include the memory time series")
+    status.add_argument("--watch", type=float, nargs="?", const=1.0, default=None, metavar="SECONDS",
+                        help="refresh every SECONDS (default 1)")
+    status.set_defaults(run=cmd_status)
+    sleep = commands.add_parser("sleep", help="put the model to sleep")
+    sleep.add_argument("--level", type=int, choices=(1, 2, 3), help="default: the daemon's --sleep-level")
+    sleep.add_argument("--abort", action="store_true", help="cancel requests in flight instead of waiting for them")
+    sleep.set_defaults(run=cmd_sleep)
+    wake = commands.add_parser("wake", help="wake the model")
+    wake.set_defaults(run=cmd_wake)
+    gen = commands.add_parser("generate", help="generate text (streams to stdout)")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--no-stream", action="store_true", help="print the text once it is complete")
+    gen.add_argument("--json", action="store_true", help='print {"text", "token_ids", "finish_reason", "ttft_seconds", "total_seconds"}')
+    gen.set_defaults(run=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console, errors = Console(), Console(stderr=True)
+    client = Client(args.address, token=args.token, timeout=args.timeout)
+    try:
+        client.wait_ready(args.connect_timeout)
+        return args.run(client, args, console)
+    except KsleepClientError as exc:
+        errors.print(f"[bold red]ksleepctl:[/] {exc.code.name}: {exc.details}", highlight=False)
+        if isinstance(exc, InvalidArgument):
+            return EXIT_USAGE
+        if isinstance(exc, (Unauthenticated, PermissionDenied)):
+            return EXIT_AUTH
+        if isinstance(exc, Unavailable) and "no ksleepd answers" in exc.details:
+            return EXIT_UNREACHABLE
+        return EXIT_SERVER
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""What the client returns: plain dataclasses built from the wire messages."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from google.protobuf.json_format import MessageToDict
+
+from ksleep.v1 import common_pb2, ksleep_pb2
+
+_FINISH = {common_pb2.FINISH_REASON_LENGTH: "length", common_pb2.FINISH_REASON_EOS: "eos",
+           common_pb2.FINISH_REASON_STOP: "stop"}
+
+
+def state_name(value: int) -> str:
+    """STATE_AWAKE -> "awake"."""
+    return common_pb2.State.Name(value).removeprefix("STATE_").lower()
+
+
+@dataclass(slots=True)
+class Token:
+    index: int
+    id: int
+    text: str
+    finish_reason: str | None  # "length", "eos", "stop" on the last token
+    server_elapsed: float  # the daemon's seconds from the request's arrival to this token
+
+    @classmethod
+    def from_pb(cls, pb: common_pb2.Token) -> Token:
+        return cls(pb.index, pb.id, pb.text, _FINISH.get(pb.finish_reason), pb.elapsed_seconds)
+
+
+@dataclass(slots=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    ttft_seconds: float  # measured here: request sent -> first token received
+    total_seconds: float  # measured here: request sent -> last token received
+    prompt_tokens: int = 0
+    woke: bool = False  # the request waited for the model to wake
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def transition_dict(pb: common_pb2.Transition) -> dict:
+    return {"seconds": pb.seconds, "bytes": pb.bytes, "level": pb.level, "at_unix": pb.at_unix,
+            "source": pb.source, "phases": dict(pb.phases)}
+
+
+@dataclass(slots=True)
+class Status:
+    """The daemon's Status, with states as words ("awake") and transitions as dicts."""
+
+    state: str
+    sleep_level: int
+    model: str
+    device: str
+    weight_bytes: int
+    device_used_bytes: int
+    device_total_bytes: int
+    worker_device_bytes: int | None
+    pool_bytes: int
+    worker_pid: int
+    restarts: int
+    in_flight: int
+    idle_seconds: float
+    idle_timeout_seconds: float
+    last_sleep: dict | None
+    last_wake: dict | None
+    last_restart: dict | None
+    last_ttft_seconds: float | None
+    sleeps_total: int
+    wakes_total: int
+    memory_source: str
+    worker_load_source: str
+    uptime_seconds: float
+    configured_sleep_level: int
+    version: str
+    history: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def from_pb(cls, pb: ksleep_pb2.StatusResponse) -> Status:
+        def optional(name):
+            return getattr(pb, name) if pb.HasField(name) else None
+
+        history = [{**MessageToDict(s, preserving_proto_field_name=True), "state": state_name(s.state)}
+                   for s in pb.history]
+        return cls(
+            state_name(pb.state), pb.sleep_level, pb.model, pb.device, pb.weight_bytes, pb.device_used_bytes,
+            pb.device_total_bytes, optional("worker_device_bytes"), pb.pool_bytes, pb.worker_pid, pb.restarts,
+            pb.in_flight, pb.idle_seconds, pb.idle_timeout_seconds,
+            *(transition_dict(getattr(pb, n)) if pb.HasField(n) else None for n in ("last_sleep", "last_wake", "last_restart")),
+            optional("last_ttft_seconds"), pb.sleeps_total, pb.wakes_total, pb.memory_source, pb.worker_load_source,
+            pb.uptime_seconds, pb.configured_sleep_level, pb.version, history,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,222 @@
+"""The HTTP face of ksleepd (`--http HOST:PORT`): OpenAI-compatible completions and chat, vLLM-compatible sleep
+control, health and Prometheus metrics. It calls the same KsleepService as the gRPC API, in-process.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+
+import grpc
+import uvicorn
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ksleep.v1 import common_pb2, ksleep_pb2
+from ksleep.worker.interceptor import status_for
+
+from .auth import authorized
+from .config import DaemonConfig
+from .openai_api import ChatRequest, CompletionRequest
+from .server import KsleepService
+
+log = logging.getLogger("ksleep.http")
+HTTP_STATUS = {"INVALID_ARGUMENT": 400, "OUT_OF_RANGE": 400, "NOT_FOUND": 404, "UNAUTHENTICATED": 401,
+               "PERMISSION_DENIED": 403, "FAILED_PRECONDITION": 409, "ABORTED": 409, "RESOURCE_EXHAUSTED": 503,
+               "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "UNIMPLEMENTED": 501}
+FINISH = {common_pb2.FINISH_REASON_LENGTH: "length", common_pb2.FINISH_REASON_EOS: "stop",
+          common_pb2.FINISH_REASON_STOP: "stop"}
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
+    """An OpenAI-style error object."""
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):  # ksleepd owns SIGTERM/SIGINT; uvicorn must not take them
+        yield
+
+
+class HttpFace:
+    def __init__(self, config: DaemonConfig, service: KsleepService):
+        self.config, self.service = config, service
+        self.app = build_app(config, service)
+        host, port = config.http_address
+        self._server = _Server(uvicorn.Config(self.app, host=host, port=port, log_level="warning", lifespan="off",
+                                              access_log=False))
+        self._task = None
+
+    async def start(self) -> None:
+        import asyncio
+
+        self._task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # raises the bind error
+                raise OSError(f"the HTTP face could not start on {self.config.http}")
+            await asyncio.sleep(0.01)  # uvicorn offers no "started" event
+        log.info("HTTP face on http://%s:%d", *self.config.http_address)
+
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        if self._task is not None:
+            await self._task
+
+
+def build_app(config: DaemonConfig, service: KsleepService) -> FastAPI:
+    app = FastAPI(title="ksleepd", version="1", description="OpenAI-compatible face of ksleepd")
+    lifecycle, metrics = service.lifecycle, service.metrics
+    model_name = config.model
+
+    def failed(exc: Exception) -> JSONResponse:
+        code, message = status_for(exc)
+        metrics.error(code.name)
+        status = HTTP_STATUS.get(code.name, 500)
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return error_response(status, message, kind, code.name.lower())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.error("INVALID_ARGUMENT")
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(400, f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request"))
+
+    async def first_and_rest(request_pb: ksleep_pb2.GenerateRequest):
+        """Start the generation; errors before the first token become an HTTP error, not a broken stream."""
+        stream = service.Generate(request_pb, None)
+        first = await stream.__anext__()
+        return first, stream
+
+    def check_model(body) -> JSONResponse | None:
+        if body.model not in (None, model_name):
+            return error_response(404, f"The model `{body.model}` does not exist; this server serves `{model_name}`",
+                                  code="model_not_found")
+        return None
+
+    async def run(body, chat: bool):
+        if (wrong := check_model(body)) is not None:
+            return wrong
+        try:
+            request_pb = body.request_pb()
+            first, rest = await first_and_rest(request_pb)
+        except Exception as exc:  # noqa: BLE001 - reported as an HTTP error
+            return failed(exc)
+        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        if body.stream:
+            return StreamingResponse(_sse(first, rest, chat, ident, created, model_name, body.include_usage, failed),
+                                     media_type="text/event-stream")
+        texts, last = [first.token.text], first
+        try:
+            async for message in rest:
+                texts.append(message.token.text)
+                last = message
+        except Exception as exc:  # noqa: BLE001
+            return failed(exc)
+        text, finish = "".join(texts), FINISH.get(last.token.finish_reason)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat
+                  else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+        return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": model_name, "choices": [choice], "usage": _usage(last)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        return await run(body, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest):
+        return await run(body, chat=True)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(lifecycle.started_unix),
+                                            "owned_by": "ksleep"}]}
+
+    def control(request: Request) -> JSONResponse | None:
+        if not authorized(config.control_token, request.headers.get("authorization")):
+            metrics.error("UNAUTHENTICATED")
+            return error_response(401, "this control endpoint needs 'Authorization: Bearer <control token>'",
+                                  "authentication_error", "unauthenticated")
+        return None
+
+    @app.post("/sleep")
+    async def sleep(request: Request, level: int = Query(default=None, ge=1, le=3), mode: str = Query(default="wait", pattern="^(wait|abort)$")):
+        if (refused := control(request)) is not None:
+            return refused
+        try:
+            reply = await service.Sleep(ksleep_pb2.SleepRequest(
+                mode=ksleep_pb2.SLEEP_MODE_ABORT if mode == "abort" else ksleep_pb2.SLEEP_MODE_WAIT,
+                **({"level": level} if level is not None else {})), None)
+        except Exception as exc:  # noqa: BLE001
+            return failed(exc)
+        return {"level": reply.sleep.level, "seconds": reply.sleep.seconds, "bytes_freed": reply.sleep.bytes,
+                "aborted_requests": reply.aborted_requests}
+
+    @app.post("/wake_up")
+    async def wake_up(request: Request):
+        if (refused := control(request)) is not None:
+            return refused
+        try:
+            reply = await service.WakeUp(ksleep_pb2.WakeUpRequest(), None)
+        except Exception as exc:  # noqa: BLE001
+            return failed(exc)
+        return {"seconds": reply.wake.seconds, "bytes_restored": reply.wake.bytes, "source": reply.wake.source}
+
+    @app.get("/is_sleeping")
+    async def is_sleeping():
+        return {"is_sleeping": lifecycle.state in (common_pb2.STATE_ASLEEP, common_pb2.STATE_SLEEPING)}
+
+    @app.get("/health")
+    async def health():
+        ok = lifecycle.state != common_pb2.STATE_STOPPED
+        return JSONResponse({"status": "ok" if ok else "unavailable",
+                             "state": common_pb2.State.Name(lifecycle.state).removeprefix("STATE_").lower()},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def _usage(last: ksleep_pb2.GenerateResponse) -> dict:
+    s = last.summary
+    return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+            "total_tokens": s.prompt_tokens + s.completion_tokens}
+
+
+async def _sse(first, rest, chat: bool, ident: str, created: int, model: str, include_usage: bool, failed):
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(message: ksleep_pb2.GenerateResponse, first_chunk: bool) -> str:
+        finish = FINISH.get(message.token.finish_reason)
+        if chat:
+            delta = {"role": "assistant", "content": message.token.text} if first_chunk else {"content": message.token.text}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": message.token.text, "logprobs": None, "finish_reason": finish}
+        return "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": model,
+                                      "choices": [choice]}) + "\n\n"
+
+    last = first
+    yield chunk(first, True)
+    try:
+        async for message in rest:
+            last = message
+            yield chunk(message, False)
+    except Exception as exc:  # noqa: BLE001 - the status is already 200: report in-band, then end the stream
+        body = json.loads(failed(exc).body)
+        yield "data: " + json.dumps(body) + "\n\n"
+        return
+    if include_usage:
+        yield "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": model, "choices": [],
+                                     "usage": _usage(last)}) + "\n\n"
+    yield "data: [DONE]\n\n"

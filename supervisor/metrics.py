@@ -1,0 +1,67 @@
+"""Prometheus metrics of ksleepd (GET /metrics on the HTTP face)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from ksleep.v1 import common_pb2
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+STATES = [n.removeprefix("STATE_").lower() for n in common_pb2.State.keys() if n != "STATE_UNSPECIFIED"]
+
+
+class Metrics:
+    """Event metrics are observed as they happen; gauges and totals are read from the lifecycle at scrape."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.wake_seconds = Histogram("ksleep_wake_seconds", "Duration of wakes", buckets=_LATENCY, registry=self.registry)
+        self.sleep_seconds = Histogram("ksleep_sleep_seconds", "Duration of sleeps", buckets=_LATENCY, registry=self.registry)
+        self.ttft_seconds = Histogram("ksleep_ttft_seconds", "Request arrival to first token, wake included",
+                                      buckets=_LATENCY, registry=self.registry)
+        self.request_seconds = Histogram("ksleep_request_seconds", "Request arrival to last token",
+                                         buckets=_LATENCY, registry=self.registry)
+        self.tokens = Counter("ksleep_generated_tokens", "Tokens generated", registry=self.registry)
+        self.errors = Counter("ksleep_request_errors", "Requests that ended with an error, by status code",
+                              ["code"], registry=self.registry)
+        self._lifecycle = None
+
+    def watch(self, lifecycle) -> None:
+        self._lifecycle = lifecycle
+        self.registry.register(_LifecycleCollector(lifecycle))
+
+    def error(self, code_name: str) -> None:
+        self.errors.labels(code=code_name).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LifecycleCollector:
+    def __init__(self, lifecycle):
+        self.lifecycle = lifecycle
+
+    def collect(self):
+        lc = self.lifecycle
+        state = GaugeMetricFamily("ksleep_state", "1 for the daemon's current state", labels=["state"])
+        now = common_pb2.State.Name(lc.state).removeprefix("STATE_").lower()
+        for name in STATES:
+            state.add_metric([name], 1.0 if name == now else 0.0)
+        yield state
+        latest = lc.history.samples[-1] if lc.history.samples else None
+        info = lc.worker_info
+        gauges = {
+            "ksleep_sleep_level": ("Sleep level (0 when awake)", lc.sleep_level),
+            "ksleep_in_flight_requests": ("Generate calls streaming or waiting", lc.in_flight),
+            "ksleep_device_used_bytes": ("Device memory used, device-wide", latest.device_used if latest else 0),
+            "ksleep_device_total_bytes": ("Device memory", info.memory.device_total_bytes if info else 0),
+            "ksleep_pool_bytes": ("The shared-memory weight pool", lc.pool_bytes()),
+            "ksleep_weight_bytes": ("The model's weights", info.memory.weight_bytes if info else 0),
+        }
+        if latest is not None and latest.worker_device is not None:
+            gauges["ksleep_worker_device_bytes"] = ("The worker process's device memory", latest.worker_device)
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(name, doc, value=value)
+        for name, doc, value in (("ksleep_sleeps", "Sleeps", lc.sleeps_total), ("ksleep_wakes", "Wakes", lc.wakes_total),
+                                 ("ksleep_worker_restarts", "Workers restarted after dying", lc.restarts)):
+            yield CounterMetricFamily(name, doc, value=value)

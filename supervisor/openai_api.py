@@ -1,0 +1,77 @@
+"""Request bodies of the OpenAI-compatible endpoints, validated by pydantic (a bad one is a 400)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ksleep.v1 import common_pb2, ksleep_pb2
+
+
+class _Sampling(BaseModel):
+    # Unknown fields are refused rather than silently ignored; the few that clients send with neutral values
+    # (n=1, user, echo=false, logprobs=null...) are accepted.
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, bool] | None = None
+    n: Literal[1] = 1
+    user: str | None = None
+    logprobs: Literal[None, False] = None
+    presence_penalty: Literal[0, 0.0] = 0
+    frequency_penalty: Literal[0, 0.0] = 0
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > 16 or any(not s for s in stops):
+            raise ValueError("stop takes up to 16 non-empty strings")
+        return stops
+
+    def sampling_pb(self) -> common_pb2.SamplingParams:
+        fields = {k: getattr(self, k) for k in ("max_tokens", "temperature", "top_p", "top_k", "seed")
+                  if getattr(self, k) is not None}
+        return common_pb2.SamplingParams(stop=self.stop or [], **fields)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.get("include_usage"))
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] | list[str] = Field(min_length=1)
+    echo: Literal[False] = False
+
+    def request_pb(self) -> ksleep_pb2.GenerateRequest:
+        prompt = self.prompt
+        if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+            if len(prompt) != 1:
+                raise ValueError("one prompt per request: send a single string")
+            prompt = prompt[0]
+        wire = (common_pb2.Prompt(text=prompt) if isinstance(prompt, str)
+                else common_pb2.Prompt(token_ids=common_pb2.Prompt.TokenIds(ids=prompt)))
+        return ksleep_pb2.GenerateRequest(prompt=wire, params=self.sampling_pb())
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str
+    name: str | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+    def request_pb(self) -> ksleep_pb2.GenerateRequest:
+        chat = common_pb2.Prompt.Chat(messages=[common_pb2.Prompt.ChatMessage(role=m.role, content=m.content)
+                                                for m in self.messages])
+        return ksleep_pb2.GenerateRequest(prompt=common_pb2.Prompt(chat=chat), params=self.sampling_pb())

@@ -1,0 +1,186 @@
+"""The client library, ksleepctl, the OpenAI-compatible HTTP face, metrics and the control token, against a
+live daemon on the tiny model."""
+import asyncio
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+
+import httpx
+import pytest
+from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from ksleep.client import Aborted, AsyncClient, Client, InvalidArgument, Unauthenticated
+
+from .daemon import PROMPT, Daemon
+
+TOKEN = "s3cret-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("http")
+    port = free_port()
+    d = Daemon(tmp, f"ksleep-test-{os.getpid()}-http", "synthetic:tiny", "--idle-timeout", "0",
+               "--http", f"127.0.0.1:{port}", "--control-token", TOKEN).wait_ready()
+    d.http = f"http://127.0.0.1:{port}"
+    d.address = f"unix:{d.socket}"
+    yield d
+    assert d.stop() == 0, d.output()
+
+
+@pytest.fixture
+def client(daemon):
+    with Client(daemon.address, token=TOKEN) as c:
+        yield c
+
+
+def ctl(daemon, *args, token=None):
+    env = {**os.environ, "KSLEEP_ADDRESS": daemon.address}
+    env.pop("KSLEEP_CONTROL_TOKEN", None)
+    if token:
+        env["KSLEEP_CONTROL_TOKEN"] = token
+    return subprocess.run([sys.executable, "-m", "ksleep.client", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_client_streams_in_order_and_complete_matches(client):
+    tokens = list(client.generate(PROMPT, max_tokens=10))
+    assert [t.index for t in tokens] == list(range(10)) and tokens[-1].finish_reason == "length"
+    done = client.complete(PROMPT, max_tokens=10)
+    assert done.token_ids == [t.id for t in tokens] and done.text == "".join(t.text for t in tokens)
+    assert 0 < done.ttft_seconds <= done.total_seconds and done.prompt_tokens > 0
+
+
+def test_client_errors_are_typed_with_the_server_message(daemon, client):
+    with pytest.raises(InvalidArgument, match="max_tokens must be"):
+        client.complete(PROMPT, max_tokens=0)
+    with Client(daemon.address, token="wrong") as intruder:
+        with pytest.raises(Unauthenticated, match="control token"):
+            intruder.sleep()
+        assert intruder.status().state in ("awake", "asleep")  # Status stays open
+
+
+def test_abort_reaches_the_client_as_a_typed_error(client, daemon):
+    stream = client.generate(PROMPT, max_tokens=150, ignore_eos=True)
+    next(stream)
+    assert client.sleep(1, abort=True)["aborted_requests"] == 1
+    with pytest.raises(Aborted):
+        list(stream)
+    client.wake()
+
+
+def test_async_client(daemon, client):
+    expected = client.complete(PROMPT, max_tokens=6).token_ids
+
+    async def run():
+        async with AsyncClient(daemon.address, token=TOKEN) as aclient:
+            streamed = [t.id async for t in aclient.generate(PROMPT, max_tokens=6)]
+            done = await aclient.complete(PROMPT, max_tokens=6)
+            await aclient.sleep(1)
+            state = (await aclient.status()).state
+            await aclient.wake()
+            return streamed, done.token_ids, state
+
+    streamed, completed, state = asyncio.run(run())
+    assert streamed == completed == expected and state == "asleep"
+
+
+def test_ksleepctl_commands_and_exit_codes(daemon):
+    out = ctl(daemon, "status", "--json")
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    for field in ("state", "sleep_level", "model", "device", "weight_bytes", "device_used_bytes", "device_total_bytes",
+                  "worker_device_bytes", "pool_bytes", "worker_pid", "restarts", "in_flight", "idle_seconds",
+                  "idle_timeout_seconds", "last_sleep", "last_wake", "last_ttft_seconds"):
+        assert field in status
+    assert ctl(daemon, "status").returncode == 0
+    denied = ctl(daemon, "sleep")
+    assert denied.returncode == 4 and "UNAUTHENTICATED" in denied.stderr
+    slept = ctl(daemon, "sleep", "--level", "1", token=TOKEN)
+    assert slept.returncode == 0 and "asleep (level 1): freed" in slept.stdout
+    woke = ctl(daemon, "wake", token=TOKEN)
+    assert woke.returncode == 0 and "awake: restored" in woke.stdout
+    gen = ctl(daemon, "generate", PROMPT, "--max-tokens", "5", "--json")
+    assert gen.returncode == 0, gen.stderr
+    result = json.loads(gen.stdout)
+    assert set(result) == {"text", "token_ids", "finish_reason", "ttft_seconds", "total_seconds"}
+    assert len(result["token_ids"]) == 5 and result["ttft_seconds"] > 0
+    streamed = ctl(daemon, "generate", PROMPT, "--max-tokens", "5")
+    assert streamed.returncode == 0 and streamed.stdout.strip()
+    bad = ctl(daemon, "generate", PROMPT, "--max-tokens", "0")
+    assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr
+    usage = ctl(daemon, "sleep", "--level", "7")
+    assert usage.returncode == 2
+    gone = subprocess.run([sys.executable, "-m", "ksleep.client", "--address", "unix:/nonexistent.sock",
+                           "--connect-timeout", "1", "status"], capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 3 and "no ksleepd answers" in gone.stderr
+
+
+def test_openai_client_completions_and_chat_match_grpc(daemon, client):
+    oa = OpenAI(base_url=daemon.http + "/v1", api_key="unused")
+    expected = client.complete(PROMPT, max_tokens=8)
+    done = oa.completions.create(model="synthetic:tiny", prompt=PROMPT, max_tokens=8)
+    assert done.choices[0].text == expected.text and done.choices[0].finish_reason == "length"
+    assert done.usage.completion_tokens == 8 and done.usage.prompt_tokens == expected.prompt_tokens
+    chunks = list(oa.completions.create(model="synthetic:tiny", prompt=PROMPT, max_tokens=8, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected.text
+    messages = [{"role": "user", "content": "Say something."}]
+    chat_expected = client.complete(messages, max_tokens=6)
+    chat = oa.chat.completions.create(model="synthetic:tiny", messages=messages, max_tokens=6)
+    assert chat.choices[0].message.content == chat_expected.text and chat.choices[0].message.role == "assistant"
+    pieces = list(oa.chat.completions.create(model="synthetic:tiny", messages=messages, max_tokens=6, stream=True,
+                                             stream_options={"include_usage": True}))
+    assert "".join(p.choices[0].delta.content or "" for p in pieces if p.choices) == chat_expected.text
+    assert pieces[-1].usage.completion_tokens == 6
+    assert [m.id for m in oa.models.list().data] == ["synthetic:tiny"]
+
+
+@pytest.mark.parametrize("body", [
+    "not json", '{"prompt": 5}', '{"prompt": "x", "max_tokens": -1}', '{"prompt": "x", "temperature": "hot"}',
+    '{"prompt": "x", "top_p": 1.5}', '{"prompt": "x", "unknown_field": 1}', '{"prompt": ""}', '[]',
+    '{"prompt": "x", "max_tokens": 100000}', '{"prompt": "x", "n": 3}',
+])
+def test_bad_http_input_is_a_400_with_an_openai_error(daemon, body):
+    r = httpx.post(daemon.http + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert set(r.json()["error"]) >= {"message", "type"} and r.json()["error"]["message"]
+
+
+def test_vllm_sleep_endpoints_auto_wake_and_metrics(daemon):
+    http = httpx.Client(base_url=daemon.http)
+    before = {s.name: s.value for f in text_string_to_metric_families(http.get("/metrics").text) for s in f.samples}
+    assert http.post("/sleep", params={"level": 1}).status_code == 401
+    assert http.post("/sleep", params={"level": 1}, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert http.get("/is_sleeping").json() == {"is_sleeping": True}
+    r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    assert http.get("/is_sleeping").json() == {"is_sleeping": False}
+    assert http.post("/wake_up").status_code == 401
+    assert http.post("/wake_up", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    assert http.get("/health").status_code == 200
+    after = {s.name: s.value for f in text_string_to_metric_families(http.get("/metrics").text) for s in f.samples}
+    assert after["ksleep_wakes_total"] == before["ksleep_wakes_total"] + 1
+    assert after["ksleep_sleeps_total"] == before["ksleep_sleeps_total"] + 1
+    assert after["ksleep_generated_tokens_total"] >= before.get("ksleep_generated_tokens_total", 0) + 4
+    assert after['ksleep_state'] in (0.0, 1.0) and after["ksleep_wake_seconds_count"] >= 1
+    assert after["ksleep_ttft_seconds_count"] > before.get("ksleep_ttft_seconds_count", 0)
+    assert any(k.startswith("ksleep_request_errors") for k in after)
+
+
+def test_unix_socket_is_private(daemon):
+    assert stat.S_IMODE(os.stat(daemon.socket).st_mode) == 0o600
+
+
+def test_worker_socket_is_private_too(daemon):
+    sockets = list((daemon.socket.parent / "run" / "ksleep").glob("worker-*.sock"))
+    assert sockets and all(stat.S_IMODE(os.stat(s).st_mode) == 0o600 for s in sockets)
