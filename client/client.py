@@ -56,6 +56,29 @@ def _sleep_request(level: int | None, abort: bool) -> ksleep_pb2.SleepRequest:
     return ksleep_pb2.SleepRequest(mode=mode, **({"level": level} if level is not None else {}))
 
 
+class _Collector:
+    """Accumulates a Generate stream into a Completion, timing it from the request's send."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.ttft: float | None = None
+        self.tokens: list[Token] = []
+        self.summary = None
+
+    def add(self, response: ksleep_pb2.GenerateResponse) -> None:
+        if self.ttft is None:
+            self.ttft = time.perf_counter() - self.t0
+        self.tokens.append(Token.from_pb(response.token))
+        if response.HasField("summary"):
+            self.summary = response.summary
+
+    def result(self) -> Completion:
+        s = self.summary
+        return Completion("".join(t.text for t in self.tokens), [t.id for t in self.tokens],
+                          self.tokens[-1].finish_reason, self.ttft, time.perf_counter() - self.t0,
+                          s.prompt_tokens if s else 0, bool(s and s.woke))
+
+
 class _Base:
     def __init__(self, address: str | None, token: str | None, timeout: float | None):
         self.address = resolve_address(address)
@@ -92,17 +115,13 @@ class Client(_Base):
 
     def complete(self, prompt, **params) -> Completion:
         """The whole generation, with time to first token and total time measured here."""
-        t0 = time.perf_counter()
-        ttft, tokens, summary = None, [], None
+        collector = _Collector()
         try:
             for response in self._stub.Generate(build_request(prompt, **params), timeout=self.timeout):
-                ttft = time.perf_counter() - t0 if ttft is None else ttft
-                tokens.append(Token.from_pb(response.token))
-                summary = response.summary if response.HasField("summary") else summary
+                collector.add(response)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
-        return Completion("".join(t.text for t in tokens), [t.id for t in tokens], tokens[-1].finish_reason, ttft,
-                          time.perf_counter() - t0, summary.prompt_tokens if summary else 0, bool(summary and summary.woke))
+        return collector.result()
 
     def sleep(self, level: int | None = None, abort: bool = False) -> dict:
         """Sleep now (level 1, 2 or 3; default: the daemon's). `abort` cancels requests in flight."""
@@ -151,17 +170,13 @@ class AsyncClient(_Base):
             raise from_rpc_error(error) from None
 
     async def complete(self, prompt, **params) -> Completion:
-        t0 = time.perf_counter()
-        ttft, tokens, summary = None, [], None
+        collector = _Collector()
         try:
             async for response in self._stub.Generate(build_request(prompt, **params), timeout=self.timeout):
-                ttft = time.perf_counter() - t0 if ttft is None else ttft
-                tokens.append(Token.from_pb(response.token))
-                summary = response.summary if response.HasField("summary") else summary
+                collector.add(response)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
-        return Completion("".join(t.text for t in tokens), [t.id for t in tokens], tokens[-1].finish_reason, ttft,
-                          time.perf_counter() - t0, summary.prompt_tokens if summary else 0, bool(summary and summary.woke))
+        return collector.result()
 
     async def sleep(self, level: int | None = None, abort: bool = False) -> dict:
         try:
