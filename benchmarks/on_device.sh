@@ -12,8 +12,13 @@ for pkg in worker supervisor client; do
 done
 ln -s "$root/proto/ksleep/v1" "$src/ksleep/v1"
 export PYTHONPATH="$src:$root${PYTHONPATH:+:$PYTHONPATH}"
-if ! python3 -c "import pytest, pytest_timeout, grpc_health, grpc_reflection" 2>/dev/null && [ -d "$root/_carry/wheels" ]; then
-  python3 -m pip install -q --no-deps --no-index --find-links "$root/_carry/wheels" pytest pytest-timeout \
-    pluggy iniconfig grpcio-health-checking grpcio-reflection >/dev/null
+# Install, from carried wheels, what the image lacks (pure-Python packages only).
+if [ -d "$root/_carry/wheels" ]; then
+  for pair in pytest:pytest pytest_timeout:pytest-timeout pluggy:pluggy iniconfig:iniconfig grpc_health:grpcio-health-checking \
+              grpc_reflection:grpcio-reflection prometheus_client:prometheus-client rich:rich markdown_it:markdown-it-py \
+              mdurl:mdurl pygments:pygments; do
+    python3 -c "import ${pair%%:*}" 2>/dev/null || \
+      python3 -m pip install -q --no-deps --no-index --find-links "$root/_carry/wheels" "${pair##*:}" >/dev/null
+  done
 fi
 exec "$@"

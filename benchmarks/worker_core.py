@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from ksleep.worker import Engine, SamplingParams, WorkerConfig
-from ksleep.worker.generation import stream_tokens
 from ksleep.worker.memory import nvml_process_bytes
+from ksleep.worker.reference import ReferenceModel
 
 PROMPT = "The future of artificial intelligence is"
 GiB = 2**30
@@ -72,55 +72,14 @@ def first_token_seconds(engine: Engine) -> tuple[float, int]:
 
 
 def naive_reference(engine: Engine, baseline: list[int], tokens: int) -> dict:
-    """The reference approach: an ordinary transformers model moved with .to('cpu') / .to('cuda')."""
-    from transformers import AutoModelForCausalLM, DynamicCache
-
-    state = {k: v.clone() for k, v in engine.model.state_dict().items()}
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(engine.skeleton.config, dtype=engine.config.torch_dtype)
-    model.load_state_dict(state, assign=True, strict=False)
-    model.tie_weights()
-    for name, buf in engine.skeleton.buffer_values().items():
-        owner, attr = name.rsplit(".", 1)
-        model.get_submodule(owner)._buffers[attr] = buf.to(DEVICE)
-    model.eval()
-    del state
-    engine.sleep(1)  # give the GPU to the reference alone
-    sync()
-    awake = used_bytes()
-
-    def run(n: int) -> tuple[list[int], float]:
-        cache = DynamicCache(config=model.config)
-
-        def forward(ids, prefill):
-            with torch.inference_mode():
-                return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
-
-        t = time.perf_counter()
-        out = [e for e in stream_tokens(forward, engine.tokenizer, engine.encode(PROMPT, n), SamplingParams(max_tokens=n),
-                                        engine.eos_ids, DEVICE, t)]
-        return [e.token_id for e in out], out[0].elapsed
-
-    run(1)
-    t = time.perf_counter()
-    model.to("cpu")
-    sync()
-    if DEVICE.type == "cuda":
-        torch.cuda.empty_cache()
-    sleep_s = time.perf_counter() - t
-    asleep = used_bytes()
-    t = time.perf_counter()
-    model.to(DEVICE)
-    run(1)
-    sync()
-    ttft = time.perf_counter() - t
-    ids, _ = run(tokens)
-    del model
-    if DEVICE.type == "cuda":
-        torch.cuda.empty_cache()
-    engine.wake()
-    return {"sleep_s": sleep_s, "ttft_after_sleep_s": ttft, "device_used_awake": awake, "device_used_asleep": asleep,
-            "output_identical": ids == baseline}
+    """The reference approach on the same weights, with the engine asleep so that it has the GPU alone."""
+    reference = ReferenceModel(engine)
+    engine.sleep(1)
+    try:
+        return reference.measure(PROMPT, tokens, baseline)
+    finally:
+        reference.close()
+        engine.wake()
 
 
 def write_checkpoint(engine: Engine, directory: Path) -> None:

@@ -1,6 +1,7 @@
 """ksleepctl: talk to ksleepd from a shell.
 
-Exit codes: 0 ok, 1 server error, 2 bad argument, 3 daemon unreachable, 4 not authorised (control token).
+Exit codes: 0 ok, 1 server error, 2 bad argument, 3 daemon unreachable, 4 not authorised (control token),
+5 bench failed (outputs differ from the baseline, or a TTFT above the threshold).
 """
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
@@ -17,7 +19,7 @@ from .client import Client
 from .errors import InvalidArgument, KsleepClientError, PermissionDenied, Unauthenticated, Unavailable
 from .types import Status
 
-EXIT_OK, EXIT_SERVER, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_AUTH = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_SERVER, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_BENCH_FAILED = 0, 1, 2, 3, 4, 5
 STATE_STYLE = {"awake": "bold green", "asleep": "bold blue", "sleeping": "yellow", "waking": "yellow",
                "loading": "yellow", "stopped": "bold red"}
 
@@ -117,6 +119,67 @@ def cmd_generate(client: Client, args, console: Console) -> int:
     return EXIT_OK
 
 
+def naive_comparison(result: dict, settings, pool_prefix: str) -> dict:
+    """The reference approach on the same weights, in this process (the daemon sleeps meanwhile)."""
+    from ksleep.worker import Engine, WorkerConfig
+    from ksleep.worker.reference import ReferenceModel
+
+    engine = Engine.load(WorkerConfig(model=result["model"], device=result["device"], pool_prefix=pool_prefix))
+    try:
+        reference = ReferenceModel(engine)
+    finally:
+        engine.close(remove_pool=engine.load_report.pool == "created")
+    try:
+        return reference.measure(settings.prompt, settings.max_tokens, result["baseline"]["token_ids"])
+    finally:
+        reference.close()
+
+
+def bench_summary(r: dict) -> Table:
+    t, table = r["ttft_after_sleep"], Table(title=f"ksleep bench: {r['model']} on {r['device']}", show_header=False)
+    table.add_column(style="dim")
+    table.add_column()
+    table.add_row("baseline", f"{len(r['baseline']['token_ids'])} tokens, TTFT awake {r['baseline']['ttft_seconds']:.3f} s")
+    table.add_row("device memory", f"awake {human(r['awake']['device_used_bytes'])}, asleep "
+                  f"{human(r['cycles'][0]['device_used_asleep'])} ({r['memory_source']}); freed "
+                  f"{human(r['freed_median_bytes'])} = {100 * (r['freed_fraction_of_weights'] or 0):.1f} % of the weights")
+    table.add_row("TTFT after sleep", f"min {t['min']:.3f} / median {t['median']:.3f} / p90 {t['p90']:.3f} / max {t['max']:.3f} s "
+                  f"({len(r['cycles'])} wakes, level {r['settings']['level']})")
+    table.add_row("outputs", "identical to the baseline" if r["identical"] else "[bold red]DIFFERENT from the baseline[/]")
+    table.add_row("memory after wake", "back to the awake figure (1 %)" if r["memory_back_within_1pct"] else "[yellow]not back within 1 %[/]")
+    if "naive" in r:
+        n = r["naive"]
+        table.add_row("reference", f"sleep {n['sleep_s']:.2f} s, TTFT {n['ttft_after_sleep_s']:.3f} s: ksleep is "
+                      f"{n['ttft_after_sleep_s'] / t['median']:.1f}x faster (identical: {n['output_identical']})")
+    colour = "green" if r["verdict"] == "pass" else "red"
+    table.add_row("verdict", f"[bold {colour}]{r['verdict'].upper()}[/] (every TTFT <= {r['threshold_seconds']} s, outputs identical)")
+    return table
+
+
+def cmd_bench(client: Client, args, console: Console) -> int:
+    from .bench import BenchSettings, run_bench
+
+    settings = BenchSettings(args.prompt, args.max_tokens, args.level, args.repeat, args.pause, args.assert_ttft)
+    with console.status("running the evaluation...") as spinner:
+        result = run_bench(client, settings, step=lambda message: spinner.update(message))
+        if args.compare_naive:
+            if result["device"] == "cpu":
+                console.print("[yellow]--compare-naive skipped: on cpu, .to('cpu') moves nothing[/]")
+            else:
+                spinner.update("the reference approach (.to('cpu') / .to(device)) on the same weights")
+                client.sleep(1)
+                result["naive"] = naive_comparison(result, settings, args.pool_prefix)
+    console.print(bench_summary(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+        console.print(f"figures: {args.json}")
+    if args.report:
+        from .report import write_report
+
+        console.print(f"report: {write_report(result, args.report)}")
+    return EXIT_OK if result["verdict"] == "pass" else EXIT_BENCH_FAILED
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ksleepctl", description="Control and query ksleepd.")
     parser.add_argument("--address", help="unix:/path, /path or HOST:PORT (default $KSLEEP_ADDRESS, else ksleepd's socket)")
@@ -147,16 +210,44 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-stream", action="store_true", help="print the text once it is complete")
     gen.add_argument("--json", action="store_true", help='print {"text", "token_ids", "finish_reason", "ttft_seconds", "total_seconds"}')
     gen.set_defaults(run=cmd_generate)
+    bench = commands.add_parser("bench", help="the evaluation: baseline, sleep, TTFT after wake, identical output")
+    bench.add_argument("--spawn", action="store_true", help="start (and stop) a ksleepd of our own")
+    bench.add_argument("--model", default="smollm2-135m", help="with --spawn: the model (default smollm2-135m)")
+    bench.add_argument("--device", default="auto", help="with --spawn: the device (default auto)")
+    bench.add_argument("--prompt", default="The future of artificial intelligence is")
+    bench.add_argument("--max-tokens", type=int, default=50)
+    bench.add_argument("--level", type=int, choices=(1, 2, 3), default=1)
+    bench.add_argument("--repeat", type=int, default=5, help="wakes to time, sleeping before each")
+    bench.add_argument("--pause", type=float, default=1.0, help="seconds asleep before each request")
+    bench.add_argument("--assert-ttft", type=float, metavar="SECONDS", help="fail (exit 5) if a TTFT after sleep exceeds this")
+    bench.add_argument("--compare-naive", action="store_true", help="also time the reference .to('cpu')/.to(device)")
+    bench.add_argument("--pool-prefix", default="ksleep", help="the daemon's --pool-prefix (for --compare-naive)")
+    bench.add_argument("--json", type=Path, metavar="PATH", help="write every figure as JSON")
+    bench.add_argument("--report", type=Path, metavar="DIR", help="write report.md, memory.png and bench.json")
+    bench.set_defaults(run=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console, errors = Console(), Console(stderr=True)
+    spawned = None
+    if getattr(args, "spawn", False):
+        from .spawn import SpawnedDaemon
+
+        spawned = SpawnedDaemon(args.model, args.device)
+        args.address, args.pool_prefix = spawned.address, spawned.pool_prefix
     client = Client(args.address, token=args.token, timeout=args.timeout)
     try:
-        client.wait_ready(args.connect_timeout)
+        if spawned is not None:
+            with console.status(f"starting ksleepd with {args.model}..."):
+                spawned.wait_ready(client)
+        else:
+            client.wait_ready(args.connect_timeout)
         return args.run(client, args, console)
+    except ValueError as exc:  # settings refused before anything was sent
+        errors.print(f"[bold red]ksleepctl:[/] {exc}", highlight=False)
+        return EXIT_USAGE
     except KsleepClientError as exc:
         errors.print(f"[bold red]ksleepctl:[/] {exc.code.name}: {exc.details}", highlight=False)
         if isinstance(exc, InvalidArgument):
@@ -168,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SERVER
     finally:
         client.close()
+        if spawned is not None:
+            spawned.stop()
 
 
 if __name__ == "__main__":

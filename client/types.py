@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from google.protobuf.json_format import MessageToDict
-
 from ksleep.v1 import common_pb2, ksleep_pb2
 
 _FINISH = {common_pb2.FINISH_REASON_LENGTH: "length", common_pb2.FINISH_REASON_EOS: "eos",
@@ -84,8 +82,9 @@ class Status:
         def optional(name):
             return getattr(pb, name) if pb.HasField(name) else None
 
-        history = [{**MessageToDict(s, preserving_proto_field_name=True), "state": state_name(s.state)}
-                   for s in pb.history]
+        history = [{"at_unix": s.at_unix, "state": state_name(s.state), "device_used_bytes": s.device_used_bytes,
+                    "worker_device_bytes": s.worker_device_bytes if s.HasField("worker_device_bytes") else None,
+                    "pool_bytes": s.pool_bytes} for s in pb.history]
         return cls(
             state_name(pb.state), pb.sleep_level, pb.model, pb.device, pb.weight_bytes, pb.device_used_bytes,
             pb.device_total_bytes, optional("worker_device_bytes"), pb.pool_bytes, pb.worker_pid, pb.restarts,

@@ -322,15 +322,15 @@ class Lifecycle:
 
     async def _sample_loop(self) -> None:
         while True:
-            await self._sample()
+            await self.sample()
             await asyncio.sleep(self.config.sample_interval)  # a periodic sampler, not a wait for a condition
 
     def _record(self) -> None:
         """Sample memory right after a transition too (without holding up the caller)."""
         self._touch()
-        asyncio.create_task(self._sample(self.state))
+        asyncio.create_task(self.sample(self.state))
 
-    async def _sample(self, state: int | None = None):
+    async def sample(self, state: int | None = None):
         """One memory sample, attributed to `state` (the state now, unless a transition just ended)."""
         state = self.state if state is None else state
         memory = None

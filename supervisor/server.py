@@ -100,6 +100,7 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
         return ksleep_pb2.WakeUpResponse(wake=await self.lifecycle.wake())
 
     async def Status(self, request: ksleep_pb2.StatusRequest, context) -> ksleep_pb2.StatusResponse:
+        await self.lifecycle.sample()  # figures of now, not of the last periodic sample
         return status_message(self.lifecycle, request.include_history)
 
 

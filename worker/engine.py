@@ -82,6 +82,8 @@ class Engine:
         except BaseException:
             engine.close()
             raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # loading's scratch (synthetic draws, checksums) must not count as "awake"
         engine.load_report = LoadReport(phases.total, how, engine.pool_name, engine.layout.weight_bytes,
                                         engine.layout.total_bytes, arena.stable_addresses, engine._pool.pinned,
                                         phases.seconds)

@@ -18,7 +18,7 @@ class MemoryReport:
     cache_bytes: int  # KV cache / activations held by torch's allocator, outside the arena
     device_used_bytes: int  # device-wide (for cpu: host RAM in use)
     device_total_bytes: int
-    process_device_bytes: int | None  # this process's device memory where the platform tells it (NVML)
+    process_device_bytes: int | None  # this process's device memory where the platform tells it (NVML; RSS on cpu)
     mirror_bytes: int  # the shared-memory pool (0 once dropped)
     rss_bytes: int  # this process's resident set (includes the touched part of the mirror)
 
@@ -59,6 +59,6 @@ def measure(device: torch.device, *, arena_bytes: int, weight_bytes: int, reside
         cache = max(0, reserved - (resident_bytes if arena_in_torch_allocator else 0))
         return MemoryReport(arena_bytes, weight_bytes, resident_bytes, cache, total - free, total,
                             nvml_process_bytes(device, os.getpid()), mirror_bytes, rss)
-    vm = psutil.virtual_memory()
+    vm = psutil.virtual_memory()  # a cpu "device" is host RAM; the process's own share of it is its RSS
     return MemoryReport(arena_bytes, weight_bytes, resident_bytes, 0, vm.total - vm.available, vm.total,
-                        None, mirror_bytes, rss)
+                        rss, mirror_bytes, rss)
