@@ -82,6 +82,9 @@ class Engine:
         except BaseException:
             engine.close()
             raise
+        if device.type == "cuda" and engine.state is EngineState.AWAKE:
+            engine._warm_up()
+            phases.mark("warm_up")
         if device.type == "cuda":
             torch.cuda.empty_cache()  # loading's scratch (synthetic draws, checksums) must not count as "awake"
         engine.load_report = LoadReport(phases.total, how, engine.pool_name, engine.layout.weight_bytes,
@@ -167,6 +170,13 @@ class Engine:
             return self._restore(blocks)
         self._last_restore_verified = verify
         return "mirror"
+
+    def _warm_up(self) -> None:
+        """One forward before serving: a fresh process loads its kernels and creates its cuBLAS handle on its
+        first forward (~1 s for a 7B); better here than in the first user's time to first token."""
+        with torch.inference_mode():
+            self.skeleton.model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=self.device),
+                                past_key_values=DynamicCache(config=self.skeleton.config), use_cache=True)
 
     def _staging_for(self, pool: WeightPool) -> StagingRing | None:
         """Pinned staging buffers while the mirror is not pinned (yet) in this process; None once it is."""
