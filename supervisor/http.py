@@ -14,6 +14,7 @@ import uvicorn
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ksleep.v1 import common_pb2, ksleep_pb2
 from ksleep.worker.interceptor import status_for
@@ -27,6 +28,7 @@ log = logging.getLogger("ksleep.http")
 HTTP_STATUS = {"INVALID_ARGUMENT": 400, "OUT_OF_RANGE": 400, "NOT_FOUND": 404, "UNAUTHENTICATED": 401,
                "PERMISSION_DENIED": 403, "FAILED_PRECONDITION": 409, "ABORTED": 409, "RESOURCE_EXHAUSTED": 503,
                "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "UNIMPLEMENTED": 501}
+MAX_BODY = 16 << 20  # bytes, as the gRPC face's message limit
 FINISH = {common_pb2.FINISH_REASON_LENGTH: "length", common_pb2.FINISH_REASON_EOS: "stop",
           common_pb2.FINISH_REASON_STOP: "stop"}
 
@@ -79,6 +81,22 @@ def build_app(config: DaemonConfig, service: KsleepService) -> FastAPI:
         status = HTTP_STATUS.get(code.name, 500)
         kind = "invalid_request_error" if status < 500 else "server_error"
         return error_response(status, message, kind, code.name.lower())
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            metrics.error("INVALID_ARGUMENT")
+            return error_response(400, f"request body over {MAX_BODY:,} bytes")
+        return await call_next(request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Errors raised by the framework itself (unparsable body, unknown path, wrong method): same shape."""
+        if exc.status_code == 400:
+            metrics.error("INVALID_ARGUMENT")
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(exc.status_code, str(exc.detail), kind)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

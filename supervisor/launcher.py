@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -156,6 +157,8 @@ class WorkerHandle:
     async def launch(cls, forkserver: Forkserver, settings: forkserver_pb2.WorkerSettings) -> WorkerHandle:
         socket_path = Path(settings.socket_path)
         socket_path.unlink(missing_ok=True)  # a stale socket would look like a ready worker
+        error_file = Path(f"{socket_path}.error")  # where a worker that cannot load says why
+        error_file.unlink(missing_ok=True)
         t0 = time.perf_counter()
         pid = await forkserver.fork(settings)
         handle = cls(pid, socket_path, forkserver.exit_future(pid))
@@ -166,6 +169,10 @@ class WorkerHandle:
         if not ready.done():
             ready.cancel()
             await handle.channel.close()
+            if error_file.exists():
+                report = json.loads(error_file.read_text())
+                error_file.unlink()
+                raise WorkerStartError(f"loading {settings.model} failed: {report['message']}", report["status"])
             raise WorkerStartError(f"worker {pid} exited with code {handle.exited.result()} while loading "
                                    f"{settings.model} (see its log above)")
         return handle

@@ -16,6 +16,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import grpc
+
 from ksleep.v1 import common_pb2, ksleep_pb2, worker_pb2
 from ksleep.worker.errors import KsleepError, StateError
 from ksleep.worker.poolfiles import data_path, remove_pool_files
@@ -213,7 +215,13 @@ class Lifecycle:
             waited = True
             if self._bring_up is None or self._bring_up.done():
                 self._bring_up = asyncio.create_task(self._wake())
-            await asyncio.shield(self._bring_up)  # one waiter giving up does not cancel the wake for the others
+            task = self._bring_up
+            try:
+                await asyncio.shield(task)  # one waiter giving up does not cancel the wake for the others
+            except Exception:
+                if self._bring_up is not task and not self._stopping:
+                    continue  # the worker died during the wake: wait for the restart now under way
+                raise
         return waited
 
     async def wake(self) -> common_pb2.Transition:
@@ -236,7 +244,13 @@ class Lifecycle:
                     wake = common_pb2.Transition(seconds=time.perf_counter() - t0, bytes=self.worker_info.memory.resident_bytes,
                                                  level=level, at_unix=time.time(), source="spawn", phases=phases)
                 else:
-                    wake = (await self.worker.stub.Wake(worker_pb2.WorkerWakeRequest())).wake
+                    worker = self.worker
+                    try:
+                        wake = (await worker.stub.Wake(worker_pb2.WorkerWakeRequest())).wake
+                    except grpc.aio.AioRpcError as exc:
+                        if exc.code() == grpc.StatusCode.UNAVAILABLE and await self.worker_died(worker):
+                            raise WorkerGoneError("the worker died while waking; it is being restarted") from exc
+                        raise
             except BaseException:
                 if self.state == S.STATE_WAKING:  # unless a crash handler already took over
                     self.state = before

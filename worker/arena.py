@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import faults
 from .errors import DeviceMemoryError, PoolCorruptError
 from .layout import ArenaLayout
 from .pool import BLOCK_BYTES, PIN_CHUNK, block_sums
@@ -98,6 +99,7 @@ class DeviceArena:
         return missing
 
     def _new_block(self, block: Block) -> torch.Tensor:
+        faults.check_allocation(block.nbytes)
         if self._vrange is not None:
             self._vrange.map(block.start, block.nbytes)
             return self._vrange.tensor[block.start : block.end]

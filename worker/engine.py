@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers import DynamicCache
 
+from . import faults
 from .arena import Block, DeviceArena
 from .config import WorkerConfig
 from .errors import AsleepError, BusyError, ClosedError, PoolCorruptError
@@ -218,6 +219,7 @@ class Engine:
             if self._streams:
                 raise BusyError(f"{self._streams} generation(s) still streaming; sleep after they finish")
             t0 = time.perf_counter()
+            faults.transition_delay()
             freed = 0
             if self._state is EngineState.AWAKE:
                 self.skeleton.unbind()
@@ -239,6 +241,7 @@ class Engine:
             if self._state is EngineState.AWAKE:
                 return WakeResult(0.0, 0, "none", False)
             self._phases = Phases(self.device)
+            faults.transition_delay()
             level = self.sleep_level
             blocks = self.arena.allocate()
             self._phases.mark("allocate")

@@ -10,6 +10,7 @@ import asyncio
 import logging
 
 import grpc
+from google.protobuf import unknown_fields
 
 from .errors import KsleepError
 
@@ -43,6 +44,38 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str,
     await context.abort(code, message)
 
 
+class _Undecodable:
+    """What a request that does not parse becomes, so that it is refused with INVALID_ARGUMENT (grpc itself
+    would answer INTERNAL) once it reaches the handler."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _unknown_fields(message) -> bool:
+    if len(unknown_fields.UnknownFieldSet(message)):
+        return True
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_MESSAGE:
+            values = value if field.is_repeated else [value]
+            if any(not hasattr(v, "items") and _unknown_fields(v) for v in values):
+                return True
+    return False
+
+
+def _strict(deserializer):
+    def parse(data: bytes):
+        try:
+            message = deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError: bad UTF-8, truncated or malformed bytes
+            return _Undecodable(f"the request does not parse: {exc}")
+        if _unknown_fields(message):
+            return _Undecodable("the request has fields this server does not know (client newer than the server?)")
+        return message
+
+    return parse
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, on_error=None):
         self.on_error = on_error  # called with the status code name of every error (metrics)
@@ -56,6 +89,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary(request, context):
+                if isinstance(request, _Undecodable):
+                    await _abort(context, ValueError(request.message), method, self.on_error)
                 try:
                     return await inner(request, context)
                 except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -63,11 +98,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as exc:  # noqa: BLE001 - every error leaves as a status
                     await _abort(context, exc, method, self.on_error)
 
-            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(unary, _strict(handler.request_deserializer),
+                                                       handler.response_serializer)
         if handler.unary_stream:
             inner_stream = handler.unary_stream
 
             async def stream(request, context):
+                if isinstance(request, _Undecodable):
+                    await _abort(context, ValueError(request.message), method, self.on_error)
                 try:
                     async for response in inner_stream(request, context):
                         yield response
@@ -76,5 +114,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 except Exception as exc:  # noqa: BLE001
                     await _abort(context, exc, method, self.on_error)
 
-            return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(stream, _strict(handler.request_deserializer),
+                                                        handler.response_serializer)
         return handler

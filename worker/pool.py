@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 import torch
 
-from . import poolfiles
+from . import faults, poolfiles
 from .errors import PoolCapacityError, PoolCorruptError, PoolOwnershipError
 from .layout import SEGMENT_ALIGN, ArenaLayout
 
@@ -56,7 +56,8 @@ def block_sums(data: torch.Tensor) -> torch.Tensor:
 def host_capacity(shm_dir: Path) -> tuple[int, int]:
     """(bytes free in shm_dir, bytes of host RAM available)."""
     st = os.statvfs(shm_dir)
-    return st.f_bavail * st.f_frsize, psutil.virtual_memory().available
+    override = faults.shm_free_override()
+    return override if override is not None else st.f_bavail * st.f_frsize, psutil.virtual_memory().available
 
 
 @dataclass(slots=True)

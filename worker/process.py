@@ -7,6 +7,7 @@ orphan ever holds GPU memory.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ from ksleep.v1 import forkserver_pb2, worker_pb2_grpc
 
 from .config import WorkerConfig
 from .engine import Engine
-from .interceptor import ErrorInterceptor
+from .interceptor import ErrorInterceptor, status_for
 from .prepared import PreparedModel
 from .service import WorkerService
 
@@ -45,7 +46,11 @@ async def _serve(settings: forkserver_pb2.WorkerSettings, prepared: PreparedMode
         loop.add_signal_handler(sig, stop.set)
     _watch_supervisor(settings.supervisor_pid, stop)
     config = WorkerConfig.from_pb(settings)
-    engine = await loop.run_in_executor(None, lambda: Engine.load(config, prepared, awake=not settings.start_asleep))
+    try:
+        engine = await loop.run_in_executor(None, lambda: Engine.load(config, prepared, awake=not settings.start_asleep))
+    except Exception as exc:
+        _report_load_error(settings.socket_path, exc)
+        raise
     if stop.is_set():
         engine.close()
         return 0
@@ -73,6 +78,19 @@ async def _serve(settings: forkserver_pb2.WorkerSettings, prepared: PreparedMode
     engine.close()  # the pool stays for the next worker
     socket.unlink(missing_ok=True)
     return 0
+
+
+def load_error_path(socket_path: str) -> Path:
+    return Path(f"{socket_path}.error")
+
+
+def _report_load_error(socket_path: str, exc: Exception) -> None:
+    """Tell the supervisor why loading failed (it reads this when the worker exits before serving)."""
+    code, message = status_for(exc)
+    path = load_error_path(socket_path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"status": code.name, "message": message}, f)
 
 
 def _watch_supervisor(pid: int, stop: asyncio.Event) -> None:
