@@ -16,7 +16,7 @@ export PYTHONPATH="$src:$root${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d "$root/_carry/wheels" ]; then
   for pair in pytest:pytest pytest_timeout:pytest-timeout pluggy:pluggy iniconfig:iniconfig grpc_health:grpcio-health-checking \
               grpc_reflection:grpcio-reflection prometheus_client:prometheus-client rich:rich markdown_it:markdown-it-py \
-              mdurl:mdurl pygments:pygments; do
+              mdurl:mdurl pygments:pygments hypothesis:hypothesis attr:attrs sortedcontainers:sortedcontainers; do
     python3 -c "import ${pair%%:*}" 2>/dev/null || \
       python3 -m pip install -q --no-deps --no-index --find-links "$root/_carry/wheels" "${pair##*:}" >/dev/null
   done

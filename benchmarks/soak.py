@@ -22,8 +22,6 @@ import threading
 import time
 from pathlib import Path
 
-import grpc
-import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -56,7 +54,7 @@ def resources(pid: int, prefix: str, client: Client) -> dict:
     return {"rss": rss, "fds": fds, "shm": shm, "device_used": own, "processes": len(procs)}
 
 
-def fuzz(client_channel, http: httpx.Client | None, examples: int) -> int:
+def fuzz(client_channel, http, examples: int) -> int:
     """Run `examples` generated cases over gRPC (typed and raw) and HTTP; returns how many ran."""
     from hypothesis import HealthCheck, given, settings
 
@@ -82,6 +80,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--idle-timeout", type=float, default=0.3)
     ap.add_argument("--fuzz", type=int, default=10000, help="fuzzing cases after the cycles (0: none)")
+    ap.add_argument("--no-http", action="store_true", help="no HTTP face (fuzz gRPC only)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ksleep-soak-"))
@@ -93,7 +92,8 @@ def main() -> int:
     log = open(tmp / "ksleepd.log", "w")
     daemon = subprocess.Popen([sys.executable, "-m", "ksleep.supervisor", "start", "--model", args.model, "--device",
                                args.device, "--listen", address, "--idle-timeout", str(args.idle_timeout),
-                               "--pool-prefix", prefix, "--http", f"127.0.0.1:{port}", "--log-level", "warning"],
+                               "--pool-prefix", prefix, "--log-level", "warning",
+                               *([] if args.no_http else ["--http", f"127.0.0.1:{port}"])],
                               stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "XDG_RUNTIME_DIR": str(tmp)})
     client = Client(address)
     R: dict = {"args": vars(args) | {"json": str(args.json)}}
@@ -154,7 +154,11 @@ def main() -> int:
         R["failures_sample"] = failures[:10]
         if args.fuzz:
             t = time.time()
-            http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+            http = None
+            if not args.no_http:
+                import httpx
+
+                http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
             R["fuzz_cases"] = fuzz(client.channel, http, args.fuzz)
             R["fuzz_seconds"] = time.time() - t
             R["after_fuzz_identical"] = client.complete(PROMPT, max_tokens=args.max_tokens).token_ids == baseline

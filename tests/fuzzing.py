@@ -25,8 +25,8 @@ def grpc_requests(draw) -> ksleep_pb2.GenerateRequest:
         for role, content in draw(st.lists(st.tuples(st.sampled_from(["user", "system", "assistant", ""]), TEXT), max_size=3)):
             prompt.chat.messages.add(role=role, content=content)
     params = common_pb2.SamplingParams()
-    if draw(st.booleans()):
-        params.max_tokens = draw(st.integers(0, 8) | st.integers(0, 2**32 - 1))
+    # Short valid lengths, or lengths beyond any context we serve (131,072 for the 7B): never a long run.
+    params.max_tokens = draw(st.integers(0, 8) | st.integers(2**20, 2**32 - 1))
     for name in ("temperature", "top_p"):
         if draw(st.booleans()):
             setattr(params, name, draw(FLOATS))
@@ -37,8 +37,6 @@ def grpc_requests(draw) -> ksleep_pb2.GenerateRequest:
     params.stop.extend(draw(st.lists(st.text(max_size=4), max_size=3)))
     if draw(st.booleans()):
         params.ignore_eos = draw(st.booleans())
-    if not params.HasField("max_tokens") or params.max_tokens > 8:  # keep valid runs short
-        params.max_tokens = draw(st.integers(0, 8)) if draw(st.booleans()) else params.max_tokens
     return ksleep_pb2.GenerateRequest(prompt=prompt, params=params)
 
 
@@ -60,7 +58,7 @@ def http_bodies(draw, chat: bool) -> bytes:
     else:
         body["prompt"] = draw(TEXT | st.lists(st.integers(-5, 600), max_size=20) | JSON_VALUES)
     optional = {
-        "max_tokens": st.integers(-3, 8) | st.integers() | JSON_VALUES,
+        "max_tokens": st.integers(-3, 8) | st.integers(2**20, 2**40) | JSON_VALUES,
         "temperature": st.floats(allow_nan=False) | JSON_VALUES,
         "top_p": st.floats(allow_nan=False) | JSON_VALUES,
         "seed": st.integers() | JSON_VALUES,

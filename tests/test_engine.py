@@ -225,3 +225,12 @@ def test_a_worker_can_start_asleep_on_an_existing_pool(open_engine, make_config)
         assert ids(second) == baseline
     finally:
         second.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand a pool to another user")
+def test_a_pool_owned_by_another_user_is_refused(open_engine, make_config):
+    engine = open_engine()
+    for path in pool_files(engine.config.pool_prefix):
+        os.chown(path, 65534, 65534)
+    with pytest.raises(PoolOwnershipError, match="owned by uid 65534"):
+        Engine.load(make_config())

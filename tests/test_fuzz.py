@@ -57,3 +57,17 @@ def test_oversized_http_body_is_refused(daemon):
     r = daemon.http.post("/v1/completions", content=b"x" * (17 << 20), headers={"content-type": "application/json"})
     assert r.status_code == 400 and "over" in r.json()["error"]["message"]
     assert [t.token.id for t in daemon.generate()] == daemon.baseline
+
+
+def test_unknown_fields_and_bad_utf8_on_the_wire_are_invalid_argument(daemon):
+    import grpc
+
+    from ksleep.v1 import common_pb2, ksleep_pb2
+
+    good = ksleep_pb2.GenerateRequest(prompt=common_pb2.Prompt(text=PROMPT)).SerializeToString()
+    call = daemon.channel.unary_stream("/ksleep.v1.Ksleep/Generate")
+    for data in (good + b"\xf8\x07\x01", b"\x0a\x04\x0a\x02\xff\xfe"):  # field 127; prompt.text of bad UTF-8
+        with pytest.raises(grpc.RpcError) as err:
+            list(call(data, timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert len(list(call(good, timeout=30))) == 16  # the same bytes, well-formed, are served

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -46,15 +47,16 @@ async def _serve(settings: forkserver_pb2.WorkerSettings, prepared: PreparedMode
         loop.add_signal_handler(sig, stop.set)
     _watch_supervisor(settings.supervisor_pid, stop)
     config = WorkerConfig.from_pb(settings)
+    engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")  # all torch work, see service.py
     try:
-        engine = await loop.run_in_executor(None, lambda: Engine.load(config, prepared, awake=not settings.start_asleep))
+        engine = await loop.run_in_executor(engine_thread, lambda: Engine.load(config, prepared, awake=not settings.start_asleep))
     except Exception as exc:
         _report_load_error(settings.socket_path, exc)
         raise
     if stop.is_set():
         engine.close()
         return 0
-    service = WorkerService(engine)
+    service = WorkerService(engine, engine_thread)
     server = grpc.aio.server(interceptors=[ErrorInterceptor()],
                              options=[("grpc.max_receive_message_length", 64 << 20)])
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
@@ -74,8 +76,8 @@ async def _serve(settings: forkserver_pb2.WorkerSettings, prepared: PreparedMode
     log.info("stopping")
     await health.enter_graceful_shutdown()
     await server.stop(GRACE_SECONDS)
-    service.close()
-    engine.close()  # the pool stays for the next worker
+    await loop.run_in_executor(engine_thread, engine.close)  # the pool stays for the next worker
+    engine_thread.shutdown()
     socket.unlink(missing_ok=True)
     return 0
 
