@@ -29,6 +29,7 @@ from .reports import LoadReport, Phases, SleepResult, WakeResult
 from .skeleton import ModelSkeleton
 from .staging import StagingRing
 from .prepared import PreparedModel
+from .prompt import PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Engine:
         self.skeleton, self.layout, self.tokenizer, self.arena = skeleton, layout, tokenizer, arena
         self.pool_name = pool_name(config.pool_prefix, source, config.torch_dtype, layout)
         self.context_tokens = int(getattr(skeleton.config, "max_position_embeddings", 0) or 2**31)
+        self.encode = PromptEncoder(tokenizer, int(skeleton.config.vocab_size), self.context_tokens, config.model).encode
         eos = [skeleton.config.eos_token_id, tokenizer.eos_token_id]
         self.eos_ids = frozenset(i for e in eos for i in (e if isinstance(e, (list, tuple)) else [e]) if i is not None)
         self._pool: WeightPool | None = None
@@ -255,35 +257,6 @@ class Engine:
                               self._last_restore_verified, self._phases.seconds, level)
 
     # -- generation -----------------------------------------------------------------------------------------
-    def encode(self, prompt: str | Sequence[int] | Sequence[dict], max_tokens: int) -> list[int]:
-        """Prompt token ids (from text, ids, or chat messages), checked against the vocabulary and the context."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer(prompt).input_ids
-        elif prompt and all(isinstance(m, dict) for m in prompt):
-            ids = self._chat_ids(prompt)
-        else:
-            ids = list(prompt)
-            vocab = int(self.skeleton.config.vocab_size)
-            if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab for i in ids):
-                raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if not ids:
-            raise ValueError("prompt is empty")
-        if len(ids) + max_tokens > self.context_tokens:
-            raise ValueError(
-                f"prompt is {len(ids)} tokens and max_tokens is {max_tokens}: {len(ids) + max_tokens} exceeds the "
-                f"model's context of {self.context_tokens} tokens"
-            )
-        return ids
-
-    def _chat_ids(self, messages: Sequence[dict]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"{self.config.model} has no chat template: send a text prompt instead")
-        if any(not isinstance(m.get("role"), str) or not m["role"] or not isinstance(m.get("content"), str)
-               for m in messages):
-            raise ValueError("every chat message needs a non-empty role and a string content")
-        rendered = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(rendered, add_special_tokens=False).input_ids
-
     def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                  started: float | None = None) -> Iterator[TokenEvent]:
         """Stream tokens. Arguments and state are checked now; tokens come as the iterator is consumed."""
