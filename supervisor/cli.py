@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import logging
-import os
 import signal
 import socket
 import sys

@@ -73,7 +73,7 @@ class DaemonConfig:
         if self.grace <= 0 or self.sample_interval <= 0 or self.history < 1:
             raise ValueError("grace and sample_interval must be > 0 and history >= 1")
         if self.http:
-            self.http_address  # validates
+            _ = self.http_address  # raises ValueError for a malformed [HOST:]PORT
         if not self.listen.startswith("unix:") and not self.listen.startswith("/"):
             host, _, port = self.listen.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:

@@ -9,7 +9,6 @@ import logging
 import time
 import uuid
 
-import grpc
 import uvicorn
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError

@@ -3,7 +3,6 @@ import os
 import threading
 
 import pytest
-import torch
 
 from ksleep.worker import AsleepError, BusyError, Engine, PoolCapacityError, SamplingParams
 from ksleep.worker import pool as pool_module
