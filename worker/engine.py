@@ -106,7 +106,7 @@ class Engine:
         how = "attached" if self._pool is not None else "created"
         if not awake and self._pool is not None:  # verified on the first wake
             if self.device.type == "cuda":
-                self._pool.pin()
+                self._pool.pin(self.device)
             self._state, self.sleep_level = EngineState.ASLEEP, 1
             return how
         blocks = self.arena.allocate()
@@ -129,7 +129,7 @@ class Engine:
                 by_name[name].view(pool.tensor).copy_(value)
             self._phases.mark("read_source")
             if self.device.type == "cuda":  # after the fill: pinning pages already written is ~3x faster
-                pool.pin()
+                pool.pin(self.device)
                 pool.wait_pinned()
                 self._phases.mark("pin")
         except BaseException:
@@ -164,7 +164,7 @@ class Engine:
             self.skeleton.bind(self.arena.views())  # host-side work while the copy runs
             self.arena.confirm(flags)
             if self.device.type == "cuda":
-                pool.pin()  # no-op once started: later wakes copy straight from the pinned mirror
+                pool.pin(self.device)  # no-op once started: later wakes copy straight from the pinned mirror
             self._pool_verified = self._pool_verified or verify
             self._phases.mark("copy_verify_bind")
         except PoolCorruptError as exc:

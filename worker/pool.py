@@ -37,8 +37,12 @@ PIN_CHUNK = 1 << 30  # bytes per cudaHostRegister call; copies never straddle tw
 PIN_THREADS = 2  # a fresh mapping pins no faster with more (H200 host: 1.9 s with 1 thread, 2.0 s with 8)
 
 
-def _register(ptr: int, nbytes: int) -> bool:
-    rc = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
+HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every context, whatever the thread's device
+
+
+def _register(ptr: int, nbytes: int, device: torch.device) -> bool:
+    torch.cuda.set_device(device)  # a fresh thread would otherwise bring up device 0's context
+    rc = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, HOST_REGISTER_PORTABLE)
     if int(rc) != 0:
         log.warning("could not pin %d bytes of the weight pool (%s); they copy at pageable speed", nbytes, rc)
     return int(rc) == 0
@@ -181,7 +185,7 @@ class WeightPool:
         self.path.unlink(missing_ok=True)
 
     # -- use ------------------------------------------------------------------------------------------------
-    def pin(self, threads: int = PIN_THREADS) -> None:
+    def pin(self, device: torch.device, threads: int = PIN_THREADS) -> None:
         """Start page-locking the mapping for DMA (cudaHostRegister; hipHostRegister on ROCm builds of torch),
         PIN_CHUNK bytes at a time on `threads` threads, in the background (`wait_pinned` waits). Until it is
         done, wakes copy through a staging ring. A chunk the driver refuses stays pageable: copies from it
@@ -191,7 +195,7 @@ class WeightPool:
         self._pin_started = time.perf_counter()
         self._pin_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pin")
         base = self.tensor.data_ptr()
-        self._pin_jobs = [self._pin_pool.submit(_register, base + lo, min(PIN_CHUNK, self.nbytes - lo))
+        self._pin_jobs = [self._pin_pool.submit(_register, base + lo, min(PIN_CHUNK, self.nbytes - lo), device)
                           for lo in range(0, self.nbytes, PIN_CHUNK)]
 
     def wait_pinned(self) -> bool:

@@ -13,6 +13,8 @@ import mmap
 
 import torch
 
+HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable
+
 log = logging.getLogger(__name__)
 
 STAGE_BYTES = 256 << 20
@@ -28,7 +30,7 @@ class StagingRing:
         self._registered = []
         for buf in self._buffers:
             buf.fill_(0)  # fault the pages in before pinning them
-            if int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)) != 0:
+            if int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, HOST_REGISTER_PORTABLE)) != 0:
                 self.close()
                 raise RuntimeError("the driver refused to pin a staging buffer")
             self._registered.append(buf)
