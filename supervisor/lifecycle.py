@@ -87,8 +87,7 @@ class Lifecycle:
 
     # -- start and stop -------------------------------------------------------------------------------------
     async def start(self) -> None:
-        await self.forkserver.start()
-        await self._spawn(start_asleep=False)
+        await self._spawn(start_asleep=False)  # starts the forkserver first
         self.state = S.STATE_AWAKE
         self._touch()  # the idle timer starts now, not when loading began
         self._background = [asyncio.create_task(self._idle_loop()), asyncio.create_task(self._sample_loop())]

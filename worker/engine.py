@@ -53,7 +53,6 @@ class Engine:
         self._pool: WeightPool | None = None
         self._expected: torch.Tensor | None = None  # the manifest's block sums, on the device
         self._lock = threading.Lock()
-        self._no_streams = threading.Condition(self._lock)
         self._streams = 0
         self._last_restore_verified = False
         self._pool_verified = False  # the attached pool passed a checksum at least once
@@ -154,9 +153,9 @@ class Engine:
             return "source"
         try:
             pool.check_intact()
-            if pool.manifest.identity != self.source.identity or pool.manifest.layout != self.layout:
-                raise PoolCorruptError(f"{pool.path} was made for another model or layout")
-            if self._expected is None:
+            if self._expected is None:  # a pool's manifest is read once, when it is opened
+                if pool.manifest.identity != self.source.identity or pool.manifest.layout != self.layout:
+                    raise PoolCorruptError(f"{pool.path} was made for another model or layout")
                 self._expected = torch.from_numpy(pool.manifest.block_sums).to(self.device)
             verify = self.config.verify_on_wake or not self._pool_verified  # always the first time
             flags = self.arena.copy_from(pool.tensor, blocks, self._expected if verify else None,
@@ -208,16 +207,13 @@ class Engine:
         """Generations streaming now."""
         return self._streams
 
-    def sleep(self, level: int = 1, wait: float = 0.0) -> SleepResult:
+    def sleep(self, level: int = 1) -> SleepResult:
         """Level 1: release the device arena and torch's cached blocks; the mirror stays. Level 2: also drop
-        the mirror (wake reloads from the model source). Waits up to `wait` seconds for streaming generations
-        to end, then refuses (BusyError) while any still stream."""
+        the mirror (wake reloads from the model source). Refused (BusyError) while generations are streaming."""
         if level not in (1, 2):
             raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
         with self._lock:
             self._check_open()
-            if self._streams and wait > 0:
-                self._no_streams.wait_for(lambda: self._streams == 0, timeout=wait)
             if self._streams:
                 raise BusyError(f"{self._streams} generation(s) still streaming; sleep after they finish")
             t0 = time.perf_counter()
@@ -282,7 +278,6 @@ class Engine:
         finally:
             with self._lock:
                 self._streams -= 1
-                self._no_streams.notify_all()
 
     def complete(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Completion:
         started = time.perf_counter()

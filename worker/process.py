@@ -82,14 +82,11 @@ async def _serve(settings: forkserver_pb2.WorkerSettings, prepared: PreparedMode
     return 0
 
 
-def load_error_path(socket_path: str) -> Path:
-    return Path(f"{socket_path}.error")
-
-
 def _report_load_error(socket_path: str, exc: Exception) -> None:
-    """Tell the supervisor why loading failed (it reads this when the worker exits before serving)."""
+    """Tell the supervisor why loading failed: it reads `<socket>.error` (launcher.py) when the worker exits
+    before serving."""
     code, message = status_for(exc)
-    path = load_error_path(socket_path)
+    path = Path(f"{socket_path}.error")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump({"status": code.name, "message": message}, f)
