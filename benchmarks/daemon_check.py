@@ -17,16 +17,13 @@ import json
 import os
 import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-import grpc
 import psutil
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ksleep.client import Client
+from ksleep.client.spawn import SpawnedDaemon
 from ksleep.v1 import common_pb2, ksleep_pb2, ksleep_pb2_grpc
 
 PROMPT = "The future of artificial intelligence is"
@@ -72,24 +69,15 @@ def main() -> None:
     ap.add_argument("--pause", type=float, default=1.0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="ksleep-check-"))
-    sock = tmp / "d.sock"
     t0 = time.perf_counter()
-    daemon = subprocess.Popen([sys.executable, "-m", "ksleep.supervisor", "start", "--model", args.model,
-                               "--device", args.device, "--listen", f"unix:{sock}", "--idle-timeout", "0",
-                               "--pool-prefix", "ksleep-check"], env={**os.environ, "XDG_RUNTIME_DIR": str(tmp)})
-    channel = grpc.insecure_channel(f"unix:{sock}")
-    stub, health = ksleep_pb2_grpc.KsleepStub(channel), health_pb2_grpc.HealthStub(channel)
+    spawned = SpawnedDaemon(args.model, args.device, "ksleep-check")
+    ksleep = Client(spawned.address)
+    channel = ksleep.channel
+    stub = ksleep_pb2_grpc.KsleepStub(channel)
+    daemon = spawned.process
     R: dict = {"model": args.model}
     try:
-        while True:
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    break
-            except grpc.RpcError:
-                if daemon.poll() is not None:
-                    raise SystemExit("ksleepd exited")
-                time.sleep(0.1)
+        spawned.wait_ready(ksleep)
         R["daemon_start_s"] = time.perf_counter() - t0
         base = [r.token.id for r in stub.Generate(request(args.tokens), timeout=600)]
         awake = [first_token(stub) for _ in range(5)]
@@ -141,9 +129,8 @@ def main() -> None:
                              "identical": tok == base[0]})
         R["restart"] = restarts
     finally:
-        channel.close()
-        daemon.send_signal(signal.SIGTERM)
-        R["daemon_exit_code"] = daemon.wait(120)
+        ksleep.close()
+        R["daemon_exit_code"] = spawned.stop()
     print(json.dumps(R, indent=1))
     L1 = R["level1"]
     print(f"\nTTFT awake (client)                  {R['ttft_awake_client_median_s'] * 1e3:.1f} ms")

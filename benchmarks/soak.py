@@ -12,12 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from fuzzing import check_grpc, check_http, check_raw_grpc, grpc_requests, http_bodies, RAW_BYTES  # noqa: E402
 
 from ksleep.client import Client  # noqa: E402
+from ksleep.client.spawn import SpawnedDaemon  # noqa: E402
 
 PROMPT = "The future of artificial intelligence is"
 
@@ -83,31 +81,17 @@ def main() -> int:
     ap.add_argument("--no-http", action="store_true", help="no HTTP face (fuzz gRPC only)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="ksleep-soak-"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     prefix = f"ksleep-soak-{os.getpid()}"
-    address = f"unix:{tmp / 'd.sock'}"
-    log = open(tmp / "ksleepd.log", "w")
-    daemon = subprocess.Popen([sys.executable, "-m", "ksleep.supervisor", "start", "--model", args.model, "--device",
-                               args.device, "--listen", address, "--idle-timeout", str(args.idle_timeout),
-                               "--pool-prefix", prefix, "--log-level", "warning",
-                               *([] if args.no_http else ["--http", f"127.0.0.1:{port}"])],
-                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "XDG_RUNTIME_DIR": str(tmp)})
-    client = Client(address)
+    spawned = SpawnedDaemon(args.model, args.device, prefix, "--idle-timeout", str(args.idle_timeout),
+                            "--log-level", "warning", *([] if args.no_http else ["--http", f"127.0.0.1:{port}"]))
+    daemon = spawned.process
+    client = Client(spawned.address)
     R: dict = {"args": vars(args) | {"json": str(args.json)}}
     try:
-        deadline = time.monotonic() + 1800
-        while True:
-            if daemon.poll() is not None:
-                raise SystemExit(f"ksleepd exited with {daemon.returncode}; log in {log.name}")
-            try:
-                client.wait_ready(1)
-                break
-            except Exception:  # noqa: BLE001
-                if time.monotonic() > deadline:
-                    raise
+        spawned.wait_ready(client)
         baseline = client.complete(PROMPT, max_tokens=args.max_tokens).token_ids
         failures, mismatches, samples, lock = [], 0, [], threading.Lock()
         t0 = time.time()
@@ -164,10 +148,8 @@ def main() -> int:
             R["after_fuzz_identical"] = client.complete(PROMPT, max_tokens=args.max_tokens).token_ids == baseline
     finally:
         client.close()
-        daemon.send_signal(signal.SIGTERM)
-        R["daemon_exit_code"] = daemon.wait(120)
+        R["daemon_exit_code"] = spawned.stop()
         R["shm_left"] = sorted(p.name for p in Path("/dev/shm").glob(f"{prefix}*"))
-        log.close()
     ok = (R.get("failed") == 0 and R.get("mismatches") == 0 and R.get("flat") and R["daemon_exit_code"] == 0
           and not R["shm_left"] and R.get("after_fuzz_identical", True))
     R["verdict"] = "pass" if ok else "fail"

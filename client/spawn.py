@@ -15,7 +15,9 @@ from .errors import Unavailable
 
 
 class SpawnedDaemon:
-    def __init__(self, model: str, device: str, pool_prefix: str = "ksleep-bench", log_path: Path | None = None):
+    def __init__(self, model: str, device: str, pool_prefix: str = "ksleep-bench", *flags: str,
+                 log_path: Path | None = None):
+        """`flags` are more `ksleepd start` options (they win over the defaults here: idle timeout off)."""
         self.dir = Path(tempfile.mkdtemp(prefix="ksleep-bench-"))
         self.address = f"unix:{self.dir / 'ksleepd.sock'}"
         self.pool_prefix = pool_prefix
@@ -23,7 +25,7 @@ class SpawnedDaemon:
         self._log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ksleep.supervisor", "start", "--model", model, "--device", device,
-             "--listen", self.address, "--idle-timeout", "0", "--pool-prefix", pool_prefix],
+             "--listen", self.address, "--idle-timeout", "0", "--pool-prefix", pool_prefix, *flags],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "XDG_RUNTIME_DIR": str(self.dir)})
 
     def wait_ready(self, client: Client, timeout: float = 1800) -> None:
