@@ -60,7 +60,8 @@ def status_table(s: Status) -> Table:
         if t:
             verb = "freed" if name == "last sleep" else "restored"
             table.add_row(name, f"level {t['level']}: {verb} {human(t['bytes'])} in {t['seconds']:.3f} s"
-                          + (f" ({t['source']})" if t.get("source") else ""))
+                          + (f" ({t['source']})" if t.get("source") else "")
+                          + (" queued; the copy overlapped the first forward" if t.get("overlapped") else ""))
     if s.last_ttft_seconds is not None:
         table.add_row("last TTFT", f"{s.last_ttft_seconds:.3f} s")
     table.add_row("totals", f"{s.sleeps_total} sleeps, {s.wakes_total} wakes; up {s.uptime_seconds:.0f} s; v{s.version}")

@@ -43,7 +43,7 @@ class Completion:
 
 def transition_dict(pb: common_pb2.Transition) -> dict:
     return {"seconds": pb.seconds, "bytes": pb.bytes, "level": pb.level, "at_unix": pb.at_unix,
-            "source": pb.source, "phases": dict(pb.phases)}
+            "source": pb.source, "phases": dict(pb.phases), "overlapped": pb.overlapped}
 
 
 @dataclass(slots=True)

@@ -47,6 +47,8 @@ class DaemonConfig:
     shm_dir: str = field(default="/dev/shm", metadata={"help": "where the weight pool lives"})
     pool_prefix: str = field(default="ksleep", metadata={"help": "file-name prefix of the pool"})
     vmm: str = field(default="auto", metadata={"help": "CUDA virtual memory for stable addresses: auto, on or off"})
+    decode_graphs: str = field(default="auto", metadata={"help": "decode through CUDA graphs over a static KV cache: auto (on a GPU), on, off, or compile (also torch.compile the step: faster decode, ~40 s longer worker starts)"})
+    graph_tokens: int = field(default=2048, metadata={"help": "static KV cache length: requests with more prompt + new tokens decode eagerly"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the checkpoint (off: no code is loaded)"})
     grace: float = field(default=5.0, metadata={"help": "seconds a worker gets to stop after SIGTERM before SIGKILL"})
     sample_interval: float = field(default=1.0, metadata={"help": "seconds between memory samples"})
@@ -70,6 +72,10 @@ class DaemonConfig:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if self.vmm not in ("auto", "on", "off"):
             raise ValueError("vmm must be auto, on or off")
+        if self.decode_graphs not in ("auto", "on", "off", "compile"):
+            raise ValueError("decode_graphs must be auto, on, off or compile")
+        if not 16 <= self.graph_tokens <= 1 << 20:
+            raise ValueError("graph_tokens must be in [16, 2^20]")
         if self.grace <= 0 or self.sample_interval <= 0 or self.history < 1:
             raise ValueError("grace and sample_interval must be > 0 and history >= 1")
         if self.http:
@@ -117,7 +123,8 @@ class DaemonConfig:
             model=self.model, device=self.device, dtype=self.dtype, keep_layers=self.keep_layers,
             cache_dir=self.cache_dir, model_dir=self.model_dir, shm_dir=self.shm_dir, pool_prefix=self.pool_prefix,
             vmm=self.vmm, trust_remote_code=self.trust_remote_code, socket_path=str(socket_path),
-            supervisor_pid=os.getpid(), start_asleep=start_asleep, log_level=self.log_level)
+            supervisor_pid=os.getpid(), start_asleep=start_asleep, log_level=self.log_level,
+            decode_graphs=self.decode_graphs, graph_tokens=self.graph_tokens)
 
 
 def _parse(f, text: str, where: str):

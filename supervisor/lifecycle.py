@@ -181,7 +181,7 @@ class Lifecycle:
         try:
             while True:
                 await self._gate.wait()
-                woke = await self.ensure_awake() or woke
+                woke = await self.ensure_awake(overlap=True) or woke
                 if self._gate.is_set() and self.state == S.STATE_AWAKE:
                     break
         finally:
@@ -205,15 +205,17 @@ class Lifecycle:
     def idle_seconds(self) -> float:
         return 0.0 if self.in_flight else time.monotonic() - self._last_activity
 
-    async def ensure_awake(self) -> bool:
-        """Wake (or restart) the model unless it is awake; True when this call had to wait for that."""
+    async def ensure_awake(self, overlap: bool = False) -> bool:
+        """Wake (or restart) the model unless it is awake; True when this call had to wait for that. With
+        `overlap` (a request is waiting), a wake this call starts returns once the copy is queued, and the
+        request's forward runs behind the copy."""
         waited = False
         while self.state != S.STATE_AWAKE:
             if self._stopping:
                 raise WorkerGoneError("ksleepd is shutting down")
             waited = True
             if self._bring_up is None or self._bring_up.done():
-                self._bring_up = asyncio.create_task(self._wake())
+                self._bring_up = asyncio.create_task(self._wake(overlap))
             task = self._bring_up
             try:
                 await asyncio.shield(task)  # one waiter giving up does not cancel the wake for the others
@@ -230,7 +232,7 @@ class Lifecycle:
         await self.ensure_awake()
         return self.last_wake
 
-    async def _wake(self) -> None:
+    async def _wake(self, overlap: bool = False) -> None:
         async with self._lock:
             if self.state == S.STATE_AWAKE:
                 return
@@ -245,7 +247,7 @@ class Lifecycle:
                 else:
                     worker = self.worker
                     try:
-                        wake = (await worker.stub.Wake(worker_pb2.WorkerWakeRequest())).wake
+                        wake = (await worker.stub.Wake(worker_pb2.WorkerWakeRequest(overlap=overlap))).wake
                     except grpc.aio.AioRpcError as exc:
                         if exc.code() == grpc.StatusCode.UNAVAILABLE and await self.worker_died(worker):
                             raise WorkerGoneError("the worker died while waking; it is being restarted") from exc

@@ -107,8 +107,16 @@ def test_pool_damaged_under_a_sleeping_daemon_is_rebuilt(start, prefix, damage):
             f.write(b"\x55" * 64)
     else:
         os.truncate(pool, 1 << 20)
+    assert daemon.ids() == baseline  # never served from the damaged mirror
+    wake = daemon.status().last_wake
+    if damage == "truncate":  # caught before the copy: the wake itself rebuilt the pool
+        assert wake.source == "source"
+    else:  # caught by the checksum behind the request's first forward, which re-ran on rebuilt weights
+        assert wake.overlapped
+        with open(pool, "rb") as f:
+            f.seek(1000)
+            assert f.read(64) != b"\x55" * 64
     assert daemon.ids() == baseline
-    assert daemon.status().last_wake.source == "source"  # never woke from the damaged mirror
 
 
 def test_supervisor_killed_then_the_next_start_attaches_to_the_verified_pool(start, prefix):

@@ -111,3 +111,69 @@ def test_an_attaching_worker_copies_through_staging_then_pins_in_the_background(
     second.sleep(1)
     assert second.wake().source == "mirror" and second._staging is None  # pinned now: straight DMA
     assert second.complete(PROMPT, GREEDY).token_ids == baseline
+
+
+@pytest.mark.parametrize("vmm", ["auto", "off"])
+@pytest.mark.parametrize("keep", [0, 1])
+def test_overlapped_wake_streams_layers_behind_the_forward(gpu_engine, vmm, keep):
+    engine = gpu_engine(vmm=vmm, keep_layers=keep)
+    baseline = engine.complete(PROMPT, GREEDY).token_ids
+    for _ in range(3):
+        engine.sleep(1)
+        woke = engine.wake(overlap=True)
+        assert woke.overlapped and woke.verified
+        assert engine.complete(PROMPT, GREEDY).token_ids == baseline
+    engine.sleep(1)
+    engine.wake(overlap=True)
+    engine.sleep(1)  # a sleep before any forward settles the copy first
+    assert engine.wake(overlap=True).overlapped
+    assert engine.complete(PROMPT, GREEDY).token_ids == baseline
+
+
+def test_overlapped_wake_catches_a_corrupt_mirror_and_reruns_the_prompt(gpu_engine):
+    engine = gpu_engine()
+    baseline = engine.complete(PROMPT, GREEDY).token_ids
+    engine.sleep(1)
+    engine._pool.tensor[engine.layout.slots[5].offset] ^= 0xFF  # the mirror is shared memory: flip one byte
+    engine.wake(overlap=True)
+    assert engine.complete(PROMPT, GREEDY).token_ids == baseline
+
+
+def test_graph_decode_matches_eager_steps_and_is_captured_once_across_sleeps(gpu_engine):
+    engine = gpu_engine(graph_tokens=256)
+    decoder = engine.decoder
+    assert decoder is not None and engine.arena.scratch() is not None
+    baseline = engine.complete(PROMPT, GREEDY).token_ids
+    assert decoder.captures == 1 and decoder.replays == len(baseline) - 1
+    first, second = engine.generate(PROMPT, GREEDY), engine.generate(PROMPT, GREEDY)
+    pairs = list(zip(first, second))  # the second stream decodes eagerly over a private cache of the same length
+    second.close()
+    assert [a.token_id for a, _ in pairs] == [b.token_id for _, b in pairs] == baseline
+    for _ in range(10):
+        engine.sleep(1)
+        assert engine.arena.scratch() is None
+        engine.wake(overlap=True)
+        assert engine.complete(PROMPT, GREEDY).token_ids == baseline
+    assert decoder.captures == 1  # stable addresses: the graph of the first request is still valid
+
+
+def test_without_stable_addresses_the_graph_is_captured_again_after_a_wake(gpu_engine):
+    engine = gpu_engine(vmm="off", graph_tokens=256)
+    baseline = engine.complete(PROMPT, GREEDY).token_ids
+    engine.sleep(1)
+    engine.wake(overlap=True)
+    assert engine.complete(PROMPT, GREEDY).token_ids == baseline
+    assert engine.decoder.captures == 2
+
+
+def test_compiled_decode_step_is_captured_at_load_and_a_concurrent_stream_agrees(gpu_engine):
+    engine = gpu_engine(graph_tokens=256, decode_graphs="compile")
+    assert engine.decoder.compiled and engine.decoder.captures == 1  # compiled and captured at load
+    plain = engine.complete(PROMPT, GREEDY).token_ids
+    first, second = engine.generate(PROMPT, GREEDY), engine.generate(PROMPT, GREEDY)
+    pairs = list(zip(first, second))  # the second: a private cache through the same compiled step, no graph
+    second.close()
+    assert [a.token_id for a, _ in pairs] == [b.token_id for _, b in pairs] == plain
+    engine.sleep(1)
+    engine.wake(overlap=True)
+    assert engine.complete(PROMPT, GREEDY).token_ids == plain and engine.decoder.captures == 1

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from . import faults
-from .errors import DeviceMemoryError, PoolCorruptError
-from .layout import ArenaLayout
-from .pool import BLOCK_BYTES, PIN_CHUNK, block_sums
+from .errors import DeviceMemoryError
+from .fill import ArenaFill, Chunk, plan_chunks
+from .layout import SEGMENT_ALIGN, ArenaLayout
+from .pool import PIN_CHUNK, block_sums
 from .staging import StagingRing
 from .vmm import VirtualRange, vmm_unavailable_reason
 
@@ -31,18 +32,21 @@ class Block:
     start: int
     end: int
     resident: bool  # stays on the device while asleep
+    weights: bool = True  # False for the scratch block (the static KV cache): released on sleep, never copied
 
     @property
     def nbytes(self) -> int:
         return self.end - self.start
 
 
-def plan_blocks(layout: ArenaLayout, keep_layers: int) -> list[Block]:
+def plan_blocks(layout: ArenaLayout, keep_layers: int, per_segment: bool = False) -> list[Block]:
+    """Runs of adjacent segments that share their residency (one allocation each); with `per_segment`, one
+    block per segment, so that a wake can map each one just before its copy is queued."""
     kept = {(s.start, s.end) for s in layout.resident_segments(keep_layers)}
     blocks: list[Block] = []
     for seg in sorted(layout.segments, key=lambda s: s.start):
         resident = (seg.start, seg.end) in kept
-        if blocks and blocks[-1].resident == resident and blocks[-1].end == seg.start:
+        if not per_segment and blocks and blocks[-1].resident == resident and blocks[-1].end == seg.start:
             blocks[-1] = Block(blocks[-1].start, seg.end, resident)
         else:
             blocks.append(Block(seg.start, seg.end, resident))
@@ -50,19 +54,20 @@ def plan_blocks(layout: ArenaLayout, keep_layers: int) -> list[Block]:
 
 
 class DeviceArena:
-    def __init__(self, layout: ArenaLayout, device: torch.device, keep_layers: int = 0, vmm: str = "auto"):
+    """`scratch_bytes` adds a block after the weights for the static KV cache: it lives in the same address range
+    (so a CUDA graph that captured it stays valid), is released on sleep and is never copied or verified."""
+
+    def __init__(self, layout: ArenaLayout, device: torch.device, keep_layers: int = 0, vmm: str = "auto",
+                 scratch_bytes: int = 0):
         self.layout = layout
         self.device = device
-        self.blocks = plan_blocks(layout, keep_layers)
-        self._starts = [b.start for b in self.blocks]
         self._vrange: VirtualRange | None = None
         self._tensors: dict[int, torch.Tensor] = {}  # block start -> uint8 tensor, for present blocks
-        self._verify_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._queued_chunks: list[tuple[int, int]] = []
+        scratch = -(-scratch_bytes // SEGMENT_ALIGN) * SEGMENT_ALIGN
         reason = vmm_unavailable_reason(device) if vmm != "off" else "vmm is off"
         if reason is None:
-            vrange = VirtualRange(device, layout.total_bytes)
-            if all(b.start % vrange.granularity == 0 for b in self.blocks):
+            vrange = VirtualRange(device, layout.total_bytes + scratch)
+            if all(s.start % vrange.granularity == 0 for s in layout.segments):
                 self._vrange = vrange
             else:
                 reason = f"VMM granularity {vrange.granularity} does not divide the layout's segments"
@@ -71,6 +76,12 @@ class DeviceArena:
             if vmm == "on":
                 raise RuntimeError(f"vmm=on, but CUDA VMM cannot be used: {reason}")
             log.info("arena re-allocates on wake (%s)", reason)
+        # VMM maps a block in ~0.1 ms, so it can map segment by segment ahead of the copy; torch allocations
+        # are fewer and larger
+        self.blocks = plan_blocks(layout, keep_layers, per_segment=self._vrange is not None)
+        if scratch:
+            self.blocks.append(Block(layout.total_bytes, layout.total_bytes + scratch, False, weights=False))
+        self._starts = [b.start for b in self.blocks]
 
     @property
     def stable_addresses(self) -> bool:
@@ -78,7 +89,18 @@ class DeviceArena:
 
     @property
     def present_bytes(self) -> int:
-        return sum(b.nbytes for b in self.blocks if b.start in self._tensors)
+        """Weight bytes on the device now."""
+        return sum(b.nbytes for b in self.blocks if b.weights and b.start in self._tensors)
+
+    @property
+    def scratch_bytes_planned(self) -> int:
+        """Size of the scratch block, present or not (0 without one)."""
+        return 0 if self.blocks[-1].weights else self.blocks[-1].nbytes
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Scratch (static KV cache) bytes on the device now."""
+        return sum(b.nbytes for b in self.blocks if not b.weights and b.start in self._tensors)
 
     def released_blocks(self) -> list[Block]:
         return [b for b in self.blocks if not b.resident]
@@ -86,12 +108,20 @@ class DeviceArena:
     def missing_blocks(self) -> list[Block]:
         return [b for b in self.blocks if b.start not in self._tensors]
 
-    def allocate(self) -> list[Block]:
-        """Give memory to every block that has none; returns those blocks (their contents are undefined)."""
+    def allocate(self, defer: bool = False) -> list[Block]:
+        """Give memory to every block that has none; returns those blocks (their contents are undefined).
+        With `defer` (and VMM), nothing is mapped now: weight blocks are mapped when a fill first queues a copy
+        into them, so the mapping overlaps the copy, and the rest by a later `allocate()`; a fill that fails to
+        map raises from `fill` (call `release` then)."""
         missing = self.missing_blocks()
         try:
             for block in missing:
+                if defer and self._vrange is not None:
+                    continue
                 self._tensors[block.start] = self._new_block(block)
+                if not block.weights:
+                    # masked cache positions are weighted by zero, and zero times a NaN in fresh memory is NaN
+                    self._tensors[block.start].zero_()
         except BaseException:
             for block in missing:  # leave the arena as it was: nothing half-allocated
                 self._drop_block(block)
@@ -102,6 +132,8 @@ class DeviceArena:
         faults.check_allocation(block.nbytes)
         if self._vrange is not None:
             self._vrange.map(block.start, block.nbytes)
+            if not block.weights:  # the KV cache, mutated by compiled steps: its own storage
+                return self._vrange.own_tensor(block.start, block.nbytes)
             return self._vrange.tensor[block.start : block.end]
         try:
             return torch.empty(block.nbytes, dtype=torch.uint8, device=self.device)
@@ -123,53 +155,29 @@ class DeviceArena:
                 freed += block.nbytes
         return freed
 
-    def copy_from(self, host: torch.Tensor, blocks: list[Block], expected: torch.Tensor | None = None,
-                  staging: StagingRing | None = None) -> torch.Tensor | None:
-        """Queue the copy of `blocks` from the host mirror; with `expected` (all block sums, on this device),
-        also queue their verification, chunk by chunk on a side stream so that it overlaps the copy.
-        `staging` carries the copy through pinned buffers when the mirror is not pinned (yet).
-
-        Returns a device tensor of per-chunk mismatch flags to hand to `confirm` (None without `expected`).
-        """
+    def fill(self, host: torch.Tensor, blocks: list[Block], expected: torch.Tensor | None = None,
+             staging: StagingRing | None = None) -> ArenaFill:
+        """Start restoring `blocks` from the host mirror, group by group in execution order (see fill.py); with
+        `expected` (all block sums, on this device) each chunk is also verified as it lands. `staging` carries
+        the copy through pinned buffers when the mirror is not pinned (yet)."""
         size = staging.nbytes if staging is not None else COPY_CHUNK
-        chunks = [(lo, min(b.end, (lo // size + 1) * size)) for b in blocks
-                  for lo in [b.start, *range((b.start // size + 1) * size, b.end, size)]]
-        main = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        flags = []
-        for lo, hi in chunks:
-            block = self.blocks[bisect.bisect_right(self._starts, lo) - 1]
-            dst = self._tensors[block.start][lo - block.start : hi - block.start]
-            if staging is not None:
-                staging.send(dst, host[lo:hi])
-            else:
-                dst.copy_(host[lo:hi], non_blocking=True)
-            if expected is None:
-                continue
-            want = expected[lo // BLOCK_BYTES : hi // BLOCK_BYTES]
-            if main is None:
-                flags.append((block_sums(dst) != want).any())
-                continue
-            self._verify_stream.wait_stream(main)  # after this chunk's copy, not the ones queued later
-            with torch.cuda.stream(self._verify_stream):
-                flags.append((block_sums(dst) != want).any())
-        self._queued_chunks = chunks
-        if expected is None:
-            return None
-        if main is not None:
-            main.wait_stream(self._verify_stream)
-        return torch.stack(flags)
+        chunks = plan_chunks(self.layout, [(b.start, b.end) for b in blocks], size)
+        return ArenaFill(self.device, chunks, host, self._slice, expected, staging).start()
 
-    def confirm(self, flags: torch.Tensor | None) -> None:
-        """Wait for a queued verification; raise PoolCorruptError naming the first bad chunk's group."""
-        if flags is None or not bool(flags.any()):
-            return
-        lo, hi = self._queued_chunks[int(flags.nonzero()[0, 0])]
-        groups = sorted({s.group for s in self.layout.segments if s.start < hi and lo < s.end})
-        raise PoolCorruptError(f"weight pool checksum mismatch in bytes {lo:,}-{hi:,} ({', '.join(groups)})")
+    def _slice(self, chunk: Chunk) -> torch.Tensor:
+        block = self.blocks[bisect.bisect_right(self._starts, chunk.start) - 1]
+        if block.start not in self._tensors:  # deferred by allocate(defer=True)
+            self._tensors[block.start] = self._new_block(block)
+        return self._tensors[block.start][chunk.start - block.start : chunk.end - block.start]
 
     def checksums(self) -> torch.Tensor:
-        """Block sums of the whole arena (every block must be present), computed where the arena lives."""
-        return torch.cat([block_sums(self._tensors[b.start]) for b in self.blocks])
+        """Block sums of the weights (every block must be present), computed where the arena lives."""
+        return torch.cat([block_sums(self._tensors[b.start]) for b in self.blocks if b.weights])
+
+    def scratch(self) -> torch.Tensor | None:
+        """The scratch block's bytes while it is present, else None."""
+        block = self.blocks[-1]
+        return None if block.weights else self._tensors.get(block.start)
 
     def views(self) -> dict[str, torch.Tensor]:
         """A typed view per layout slot, into whichever block holds it."""

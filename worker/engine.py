@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import threading
@@ -18,6 +19,9 @@ from transformers import DynamicCache
 
 from . import faults
 from .arena import Block, DeviceArena
+from .decoder import GraphDecoder, attention_backends, kv_bytes
+from .fill import ArenaFill
+from .gate import LayerGate
 from .config import WorkerConfig
 from .errors import AsleepError, BusyError, ClosedError, PoolCorruptError
 from .generation import Completion, SamplingParams, TokenEvent, stream_tokens
@@ -57,6 +61,12 @@ class Engine:
         self._last_restore_verified = False
         self._pool_verified = False  # the attached pool passed a checksum at least once
         self._staging: StagingRing | None = None
+        self._fill: ArenaFill | None = None  # a restore still in flight behind the forward (overlapped wake)
+        self._fill_blocks: list[Block] = []
+        self._gate = LayerGate(skeleton.model, layout)
+        self._decoder = (GraphDecoder(skeleton.model, skeleton.config, config.torch_dtype, device, config.graph_tokens,
+                                      compile=config.decode_graphs == "compile" and device.type == "cuda") if arena.scratch_bytes_planned else None)
+        self._epoch = 0  # bumped whenever a wake may have moved the weights (re-allocating arena)
         self._phases = Phases(device)
         self._state = EngineState.ASLEEP
         self.sleep_level = 0
@@ -75,18 +85,26 @@ class Engine:
             phases.device = device
         phases.mark("device_init")
         prepared = prepared or PreparedModel.build(config, device.type)
-        arena = DeviceArena(prepared.layout, device, config.keep_layers, config.vmm)
+        scratch = kv_bytes(prepared.skeleton.config, config.torch_dtype, config.graph_tokens) \
+            if config.uses_static_cache(device) else 0
+        arena = DeviceArena(prepared.layout, device, config.keep_layers, config.vmm, scratch)
         engine = cls(config, device, prepared.source, prepared.skeleton, prepared.layout, prepared.tokenizer, arena)
         engine._phases = phases
         phases.mark("prepare")
         try:
             how = engine._bring_up(awake)
+            if device.type == "cuda" and engine.state is EngineState.AWAKE:
+                engine._warm_up()  # queued behind the copy still in flight: kernels load while the weights land
+            if engine._settle():  # the attached pool failed its checksum behind the warm-up
+                how = "rebuilt"
+            if engine._decoder is not None and engine._decoder.compiled and engine.state is EngineState.AWAKE:
+                with torch.inference_mode(), attention_backends(device):
+                    engine._decoder.prepare(engine.arena.scratch(), engine._epoch)
+                phases.mark("compile_decode")
+            phases.mark("copy_verify_warm_up" if device.type == "cuda" else "copy_verify")
         except BaseException:
             engine.close()
             raise
-        if device.type == "cuda" and engine.state is EngineState.AWAKE:
-            engine._warm_up()
-            phases.mark("warm_up")
         if device.type == "cuda":
             torch.cuda.empty_cache()  # loading's scratch (synthetic draws, checksums) must not count as "awake"
         engine.load_report = LoadReport(phases.total, how, engine.pool_name, engine.layout.weight_bytes,
@@ -109,8 +127,9 @@ class Engine:
             self._state, self.sleep_level = EngineState.ASLEEP, 1
             return how
         blocks = self.arena.allocate()
+        self._epoch += not self.arena.stable_addresses
         self._phases.mark("allocate")
-        source = self._restore(blocks)
+        source = self._restore(blocks, overlap=awake)
         self._state, self.sleep_level = EngineState.AWAKE, 0
         if not awake:
             self.sleep(1)
@@ -136,13 +155,16 @@ class Engine:
             raise
         return pool
 
-    def _restore(self, blocks: list[Block]) -> str:
-        """Copy `blocks` from the pool into the arena (building the pool first if there is none), verify, bind."""
+    def _restore(self, blocks: list[Block], overlap: bool = False) -> str:
+        """Copy `blocks` from the pool into the arena (building the pool first if there is none), verify, bind.
+        With `overlap`, return once the copy is queued: the next forward runs behind it, layer by layer, and the
+        verification is settled after that forward (see _settle). (On CPU the copy is done by then; only the
+        verification waits for the forward.)"""
         if self._pool is None:
             self._pool = self._build_pool()
         pool = self._pool
         if pool.manifest is None:  # just built: checksum on the device, then publish
-            self.arena.copy_from(pool.tensor, blocks)
+            self.arena.fill(pool.tensor, blocks).finish()
             self._phases.mark("copy")
             self._expected = self.arena.checksums()
             pool.publish(PoolManifest(self.pool_name, self.source.identity, str(self.config.torch_dtype),
@@ -157,28 +179,57 @@ class Engine:
                 if pool.manifest.identity != self.source.identity or pool.manifest.layout != self.layout:
                     raise PoolCorruptError(f"{pool.path} was made for another model or layout")
                 self._expected = torch.from_numpy(pool.manifest.block_sums).to(self.device)
-            verify = self.config.verify_on_wake or not self._pool_verified  # always the first time
-            flags = self.arena.copy_from(pool.tensor, blocks, self._expected if verify else None,
-                                         self._staging_for(pool))
-            self.skeleton.bind(self.arena.views())  # host-side work while the copy runs
-            self.arena.confirm(flags)
-            if self.device.type == "cuda":
-                pool.pin(self.device)  # no-op once started: later wakes copy straight from the pinned mirror
-            self._pool_verified = self._pool_verified or verify
-            self._phases.mark("copy_verify_bind")
         except PoolCorruptError as exc:
-            log.warning("%s; rebuilding the pool from %s", exc, self.config.model)
-            self._drop_pool(unlink=True)
-            return self._restore(blocks)
+            return self._rebuild(blocks, exc)
+        verify = self.config.verify_on_wake or not self._pool_verified  # always the first time
+        fill = self.arena.fill(pool.tensor, blocks, self._expected if verify else None, self._staging_for(pool))
+        self.arena.allocate()  # what a deferred allocation left (the KV scratch), while the copy runs
+        self.skeleton.bind(self.arena.views())  # host-side work while the copy runs
         self._last_restore_verified = verify
-        return "mirror"
+        self._fill, self._fill_blocks = fill, blocks
+        if overlap:
+            self._gate.arm(fill)
+            self._phases.mark("queue_copy", wait=False)
+            return "mirror"
+        self._settle()
+        self._phases.mark("copy_verify_bind")
+        return "mirror" if self._pool is pool else "source"
+
+    def _settle(self) -> bool:
+        """Finish the restore in flight, if any: order the compute stream after it and check its checksums. A
+        corrupt pool is dropped and the weights are rebuilt from the source; returns True then, because whatever
+        ran behind the copy read bad weights and must be run again."""
+        fill, self._fill = self._fill, None
+        if fill is None:
+            return False
+        self._gate.disarm()
+        try:
+            fill.finish()
+        except PoolCorruptError as exc:
+            self._rebuild(self._fill_blocks, exc)
+            return True
+        self._pool_verified = self._pool_verified or fill.verified
+        if self.device.type == "cuda" and self._pool is not None:
+            # no-op once started; begun only now so that it does not slow a staged copy that reads the same pages
+            self._pool.pin(self.device)
+        return False
+
+    def _rebuild(self, blocks: list[Block], exc: PoolCorruptError) -> str:
+        log.warning("%s; rebuilding the pool from %s", exc, self.config.model)
+        self._drop_pool(unlink=True)
+        return self._restore(blocks)
 
     def _warm_up(self) -> None:
         """One forward before serving: a fresh process loads its kernels and creates its cuBLAS handle on its
         first forward (~1 s for a 7B); better here than in the first user's time to first token."""
-        with torch.inference_mode():
+        with torch.inference_mode(), self._attention(self._decoder is not None):  # the first request's kernels
             self.skeleton.model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=self.device),
                                 past_key_values=DynamicCache(config=self.skeleton.config), use_cache=True)
+
+    def _attention(self, static_cache: bool):
+        """The static-cache paths attend without cuDNN's SDPA kernel (see decoder.py); the others as transformers
+        chooses."""
+        return attention_backends(self.device) if static_cache else contextlib.nullcontext()
 
     def _staging_for(self, pool: WeightPool) -> StagingRing | None:
         """Pinned staging buffers while the mirror is not pinned (yet) in this process; None once it is."""
@@ -220,6 +271,7 @@ class Engine:
             faults.transition_delay()
             freed = 0
             if self._state is EngineState.AWAKE:
+                self._settle()  # a wake still landing: finish it (a corrupt pool is dropped, not slept on)
                 self.skeleton.unbind()
                 freed = self.arena.release()
                 if self.device.type == "cuda":
@@ -231,9 +283,13 @@ class Engine:
             self._state, self.sleep_level = EngineState.ASLEEP, max(level, self.sleep_level)
             return SleepResult(level, time.perf_counter() - t0, freed)
 
-    def wake(self) -> WakeResult:
+    def wake(self, overlap: bool = False) -> WakeResult:
         """One bulk copy from the pinned mirror (after level 1) or a reload from the source (after level 2).
-        Raises DeviceMemoryError, and stays asleep, when the device has no room."""
+        Raises DeviceMemoryError, and stays asleep, when the device has no room.
+
+        `overlap` (GPU, from the mirror): return as soon as the copy is queued; the next forward runs behind it
+        layer by layer, so a request's first token costs about the copy alone. `seconds` then covers only the
+        allocation and queueing; the copy's verification is settled by that forward (or by the next sleep)."""
         with self._lock:
             self._check_open()
             if self._state is EngineState.AWAKE:
@@ -241,16 +297,18 @@ class Engine:
             self._phases = Phases(self.device)
             faults.transition_delay()
             level = self.sleep_level
-            blocks = self.arena.allocate()
+            # from a pinned mirror the copy is queued at once, so each segment can be mapped just before its copy
+            blocks = self.arena.allocate(defer=overlap and self._pool is not None and self._pool.pinned)
+            self._epoch += not self.arena.stable_addresses
             self._phases.mark("allocate")
             try:
-                origin = self._restore(blocks)
+                origin = self._restore(blocks, overlap)
             except BaseException:
                 self.arena.release()
                 raise
             self._state, self.sleep_level = EngineState.AWAKE, 0
-            return WakeResult(self._phases.total, sum(b.nbytes for b in blocks), origin,
-                              self._last_restore_verified, self._phases.seconds, level)
+            return WakeResult(self._phases.total, sum(b.nbytes for b in blocks if b.weights), origin,
+                              self._last_restore_verified, self._phases.seconds, level, self._fill is not None)
 
     # -- generation -----------------------------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
@@ -265,19 +323,44 @@ class Engine:
         return self._stream(ids, params, started)
 
     def _stream(self, ids: list[int], params: SamplingParams, started: float) -> Iterator[TokenEvent]:
-        cache = DynamicCache(config=self.skeleton.config)
+        decoder, graphed = self._decoder, None
+        if decoder is not None:
+            tokens = len(ids) + params.max_tokens
+            with self._lock:
+                self._check_awake()
+                if decoder.accepts(tokens):  # else longer than the static cache: transformers' DynamicCache
+                    graphed = (decoder.private(tokens) if decoder.busy  # a concurrent stream: same numerics, eager
+                               else decoder.acquire(self.arena.scratch(), self._epoch, tokens))
+        cache = DynamicCache(config=self.skeleton.config) if graphed is None else None
+
+        def run(input_ids: torch.Tensor, prefill: bool) -> torch.Tensor:
+            if graphed is not None:
+                return decoder.prefill(graphed, input_ids) if prefill else decoder.step(graphed, input_ids)
+            out = self.skeleton.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            return out.logits[:, -1, :]
 
         def forward(input_ids: torch.Tensor, prefill: bool) -> torch.Tensor:
-            with self._lock, torch.inference_mode():
+            nonlocal cache
+            with self._lock, torch.inference_mode(), self._attention(graphed is not None):
                 self._check_awake()
-                out = self.skeleton.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                return out.logits[:, -1, :]
+                logits = run(input_ids, prefill)
+                if self._fill is not None and self._settle():  # ran behind a wake whose pool proved corrupt
+                    if not prefill:
+                        raise PoolCorruptError("the weights were rebuilt in the middle of a generation")
+                    if graphed is None:
+                        cache = DynamicCache(config=self.skeleton.config)
+                    else:
+                        decoder.reset(graphed)
+                    logits = run(input_ids, prefill)
+                return logits
 
         try:
             yield from stream_tokens(forward, self.tokenizer, ids, params, self.eos_ids, self.device, started)
         finally:
             with self._lock:
                 self._streams -= 1
+                if graphed is not None and graphed.graphed:
+                    decoder.release()
 
     def complete(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Completion:
         started = time.perf_counter()
@@ -287,17 +370,31 @@ class Engine:
     def memory(self) -> MemoryReport:
         return measure(self.device, arena_bytes=self.layout.total_bytes, weight_bytes=self.layout.weight_bytes,
                        resident_bytes=self.arena.present_bytes, arena_in_torch_allocator=not self.arena.stable_addresses,
-                       mirror_bytes=self._pool.nbytes if self._pool else 0)
+                       mirror_bytes=self._pool.nbytes if self._pool else 0, scratch_bytes=self.arena.scratch_bytes)
 
     @property
     def model(self):
         return self.skeleton.model
+
+    @property
+    def decoder(self) -> GraphDecoder | None:
+        """The graph decoder (None when decoding eagerly): its `captures` and `replays` count what it did."""
+        return self._decoder
 
     def close(self, remove_pool: bool = False) -> None:
         """Free the device and unmap the pool; `remove_pool` also deletes its files."""
         with self._lock:
             if self._state is EngineState.CLOSED:
                 return
+            self._gate.disarm()
+            if self._fill is not None:  # nothing may still write into what is freed below
+                try:
+                    self._fill.finish()
+                except Exception:  # closing anyway
+                    pass
+                self._fill = None
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             self.skeleton.unbind()
             self.arena.close()
             if self._staging is not None:

@@ -51,12 +51,13 @@ def nvml_process_bytes(device: torch.device, pid: int) -> int | None:
 
 
 def measure(device: torch.device, *, arena_bytes: int, weight_bytes: int, resident_bytes: int,
-            arena_in_torch_allocator: bool, mirror_bytes: int) -> MemoryReport:
+            arena_in_torch_allocator: bool, mirror_bytes: int, scratch_bytes: int = 0) -> MemoryReport:
     rss = psutil.Process().memory_info().rss
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         reserved = torch.cuda.memory_reserved(device)
-        cache = max(0, reserved - (resident_bytes if arena_in_torch_allocator else 0))
+        # the static KV cache (scratch) counts as cache; with VMM it is outside torch's allocator
+        cache = max(0, reserved - resident_bytes) if arena_in_torch_allocator else reserved + scratch_bytes
         return MemoryReport(arena_bytes, weight_bytes, resident_bytes, cache, total - free, total,
                             nvml_process_bytes(device, os.getpid()), mirror_bytes, rss)
     vm = psutil.virtual_memory()  # a cpu "device" is host RAM; the process's own share of it is its RSS

@@ -18,8 +18,8 @@ class Phases:
         self.started = self._last = time.perf_counter()
         self.seconds: dict[str, float] = {}
 
-    def mark(self, name: str) -> None:
-        if self.device.type == "cuda":
+    def mark(self, name: str, wait: bool = True) -> None:
+        if wait and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
@@ -66,6 +66,7 @@ class WakeResult:
     verified: bool  # the copied bytes were checked against the manifest
     phases: dict[str, float] = field(default_factory=dict)
     level: int = 0  # the sleep level woken from
+    overlapped: bool = False  # the copy was still landing when wake returned; the next forward runs behind it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,4 +74,4 @@ class WakeResult:
     def to_pb(self) -> common_pb2.Transition:
         return common_pb2.Transition(seconds=self.seconds, bytes=self.bytes_restored, level=self.level,
                                      at_unix=time.time(), source=self.source if self.source != "none" else "",
-                                     phases=self.phases)
+                                     phases=self.phases, overlapped=self.overlapped)

@@ -69,7 +69,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.WorkerSleepResponse(sleep=result.to_pb())
 
     async def Wake(self, request: worker_pb2.WorkerWakeRequest, context) -> worker_pb2.WorkerWakeResponse:
-        result = await self._on_engine(self.engine.wake)
+        result = await self._on_engine(self.engine.wake, request.overlap)
         return worker_pb2.WorkerWakeResponse(wake=result.to_pb())
 
     async def Status(self, request: worker_pb2.WorkerStatusRequest, context) -> worker_pb2.WorkerStatusResponse:

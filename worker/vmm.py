@@ -93,6 +93,11 @@ class VirtualRange:
     def address(self) -> int:
         return int(self._base)
 
+    def own_tensor(self, start: int, nbytes: int) -> torch.Tensor:
+        """Bytes [start, start+nbytes) as a tensor with a storage of its own (not a view of `tensor`), so that
+        torch.compile does not treat it as aliasing the weights."""
+        return torch.as_tensor(_ArrayInterface(int(self._base) + start, nbytes), device=self.device)
+
     def _use_context(self) -> None:
         # Driver calls need a current context; a gRPC or executor thread may not have one yet.
         _check(self._cu, self._cu.cuCtxSetCurrent(self._ctx))

@@ -117,7 +117,7 @@ class Memory(_message.Message):
     def __init__(self, arena_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., device_used_bytes: _Optional[int] = ..., device_total_bytes: _Optional[int] = ..., process_device_bytes: _Optional[int] = ..., mirror_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ...) -> None: ...
 
 class Transition(_message.Message):
-    __slots__ = ("seconds", "bytes", "level", "at_unix", "source", "phases")
+    __slots__ = ("seconds", "bytes", "level", "at_unix", "source", "phases", "overlapped")
     class PhasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -131,10 +131,12 @@ class Transition(_message.Message):
     AT_UNIX_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     PHASES_FIELD_NUMBER: _ClassVar[int]
+    OVERLAPPED_FIELD_NUMBER: _ClassVar[int]
     seconds: float
     bytes: int
     level: int
     at_unix: float
     source: str
     phases: _containers.ScalarMap[str, float]
-    def __init__(self, seconds: _Optional[float] = ..., bytes: _Optional[int] = ..., level: _Optional[int] = ..., at_unix: _Optional[float] = ..., source: _Optional[str] = ..., phases: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    overlapped: bool
+    def __init__(self, seconds: _Optional[float] = ..., bytes: _Optional[int] = ..., level: _Optional[int] = ..., at_unix: _Optional[float] = ..., source: _Optional[str] = ..., phases: _Optional[_Mapping[str, float]] = ..., overlapped: _Optional[bool] = ...) -> None: ...

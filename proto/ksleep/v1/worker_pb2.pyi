@@ -38,8 +38,10 @@ class WorkerSleepResponse(_message.Message):
     def __init__(self, sleep: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ...) -> None: ...
 
 class WorkerWakeRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("overlap",)
+    OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    overlap: bool
+    def __init__(self, overlap: _Optional[bool] = ...) -> None: ...
 
 class WorkerWakeResponse(_message.Message):
     __slots__ = ("wake",)
