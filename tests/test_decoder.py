@@ -2,7 +2,7 @@
 import pytest
 
 from ksleep.worker import SamplingParams, WorkerConfig
-from ksleep.worker.decoder import cache_length, kv_bytes
+from ksleep.worker.decoder import cache_length, kv_bytes, static_cache_unsupported
 
 from .conftest import PROMPT
 
@@ -67,3 +67,30 @@ def test_real_model_gives_one_answer_whichever_cache_a_request_gets(open_engine)
     engine.wake(overlap=True)
     got = engine.complete(PROMPT, params)
     assert got.token_ids == want.token_ids and got.text == want.text
+
+
+def test_models_the_static_cache_cannot_take_are_named():
+    from transformers import MistralConfig, Qwen2Config
+
+    sliding = MistralConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                            intermediate_size=128, vocab_size=100, sliding_window=32)
+    assert "sliding-window" in static_cache_unsupported(sliding, 64)
+    full = Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                       intermediate_size=128, vocab_size=100)
+    assert static_cache_unsupported(full, 64) is None
+
+
+def test_a_failed_claim_and_a_stream_closed_before_it_started_leave_no_claim(open_engine, monkeypatch):
+    engine = open_engine(decode_graphs="on", graph_tokens=256)
+    baseline = engine.complete(PROMPT, GREEDY).token_ids
+    unstarted = engine.generate(PROMPT, GREEDY)
+    unstarted.close()
+    assert engine.streams == 0 and not engine.decoder.busy
+    with monkeypatch.context() as m:
+        m.setattr(engine.decoder, "acquire", lambda *a: (_ for _ in ()).throw(MemoryError("no room for the cache")))
+        with pytest.raises(MemoryError):
+            engine.generate(PROMPT, GREEDY)
+    assert engine.streams == 0
+    engine.sleep(1)  # nothing holds the engine awake
+    engine.wake()
+    assert engine.complete(PROMPT, GREEDY).token_ids == baseline

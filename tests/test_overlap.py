@@ -102,3 +102,18 @@ def test_sleep_right_after_an_overlapped_wake_settles_it_first(open_engine):
     engine.sleep(1)  # the pending check fails here: the bad pool is dropped and rebuilt, never served
     engine.wake(overlap=True)
     assert engine.complete(PROMPT, GREEDY).token_ids == baseline
+
+
+def test_a_rebuild_that_fails_behind_the_first_forward_leaves_the_engine_asleep(open_engine, monkeypatch):
+    engine = open_engine()
+    baseline = engine.complete(PROMPT, GREEDY).token_ids
+    engine.sleep(1)
+    corrupt(engine._pool.path, engine.layout.slots[3].offset)
+    engine.wake(overlap=True)
+    with monkeypatch.context() as m:
+        m.setattr(engine, "_build_pool", lambda: (_ for _ in ()).throw(OSError("the source is unreachable")))
+        with pytest.raises(OSError):
+            engine.complete(PROMPT, GREEDY)
+    assert engine.state.value == "asleep" and engine.sleep_level == 2 and engine.streams == 0
+    assert engine.wake().source == "source"  # never served the corrupt copy
+    assert engine.complete(PROMPT, GREEDY).token_ids == baseline

@@ -51,6 +51,19 @@ def kv_bytes(config, dtype: torch.dtype, tokens: int) -> int:
     return 2 * int(config.num_hidden_layers) * heads * tokens * head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
+def static_cache_unsupported(config, max_tokens: int) -> str | None:
+    """Why this model cannot decode over our static cache (None when it can)."""
+    if not all(hasattr(config, name) for name in ("num_key_value_heads", "num_attention_heads", "hidden_size")):
+        return f"{type(config).__name__} does not describe its attention heads as the static cache needs"
+    try:
+        layers = StaticCache(config=config, max_cache_len=max_tokens).layers
+    except Exception as exc:  # a configuration transformers' StaticCache cannot take
+        return f"transformers' StaticCache refused the model: {exc}"
+    if any(type(layer) is not StaticLayer for layer in layers):
+        return "the model has sliding-window layers (the graph decoder needs full attention)"
+    return None
+
+
 def cache_length(tokens: int, max_tokens: int) -> int:
     """The smallest power-of-two length from MIN_TOKENS that holds `tokens`, capped at `max_tokens`."""
     length = MIN_TOKENS
@@ -83,6 +96,10 @@ class GraphDecoder:
         self._epoch = -1
         self._busy = False
         self._pool = None  # one memory pool shared by every captured graph
+        # made once and distinct: a warm-up on the capture stream would allocate that stream's cuBLAS workspace
+        # outside the graph's pool, where a sleep's workspace clean-up would free it under the graph
+        self._warm_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._capture_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._ids = torch.zeros(1, 1, dtype=torch.long, device=device)
         self._pos = torch.zeros(1, 1, dtype=torch.long, device=device)
         self._step_fn = torch.compile(self._run, dynamic=False) if compile else self._run
@@ -126,6 +143,12 @@ class GraphDecoder:
 
     def release(self) -> None:
         self._busy = False
+
+    def invalidate(self) -> None:
+        """Forget the graphs and cache views (the scratch they point into is about to be freed and re-made
+        elsewhere: an arena without stable addresses)."""
+        self._shared.clear()
+        self._scratch_ptr = None
 
     def _length(self, tokens: int) -> int:
         # a compiled step is specialised to its shapes: one length, one compilation
@@ -198,7 +221,7 @@ class GraphDecoder:
 
     def _capture(self, entry: DecodeCache) -> None:
         counters = [layer.cumulative_length.clone() for layer in entry.cache.layers]
-        side = torch.cuda.Stream(self.device)
+        side = self._warm_stream
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up: lazy initialisation (and compilation) must not happen in capture
             for _ in range(2):
@@ -211,7 +234,7 @@ class GraphDecoder:
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream):
             entry.logits = self._step_fn(entry.cache)
         entry.graph = graph
         self.captures += 1

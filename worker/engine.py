@@ -19,12 +19,12 @@ from transformers import DynamicCache
 
 from . import faults
 from .arena import Block, DeviceArena
-from .decoder import GraphDecoder, attention_backends, kv_bytes
+from .decoder import DecodeCache, GraphDecoder, attention_backends, kv_bytes, static_cache_unsupported
 from .fill import ArenaFill
 from .gate import LayerGate
 from .config import WorkerConfig
 from .errors import AsleepError, BusyError, ClosedError, PoolCorruptError
-from .generation import Completion, SamplingParams, TokenEvent, stream_tokens
+from .generation import Completion, SamplingParams, TokenEvent, TokenStream, stream_tokens
 from .layout import ArenaLayout
 from .memory import MemoryReport, measure
 from .pool import PoolManifest, WeightPool, pool_name
@@ -56,7 +56,7 @@ class Engine:
         self.eos_ids = frozenset(i for e in eos for i in (e if isinstance(e, (list, tuple)) else [e]) if i is not None)
         self._pool: WeightPool | None = None
         self._expected: torch.Tensor | None = None  # the manifest's block sums, on the device
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a stream collected while this thread holds it releases its claim
         self._streams = 0
         self._last_restore_verified = False
         self._pool_verified = False  # the attached pool passed a checksum at least once
@@ -85,8 +85,15 @@ class Engine:
             phases.device = device
         phases.mark("device_init")
         prepared = prepared or PreparedModel.build(config, device.type)
-        scratch = kv_bytes(prepared.skeleton.config, config.torch_dtype, config.graph_tokens) \
-            if config.uses_static_cache(device) else 0
+        scratch = 0
+        if config.uses_static_cache(device):
+            reason = static_cache_unsupported(prepared.skeleton.config, config.graph_tokens)
+            if reason is None:
+                scratch = kv_bytes(prepared.skeleton.config, config.torch_dtype, config.graph_tokens)
+            elif config.decode_graphs == "auto":
+                log.info("decoding eagerly: %s", reason)
+            else:
+                raise ValueError(f"decode_graphs={config.decode_graphs}: {reason}")
         arena = DeviceArena(prepared.layout, device, config.keep_layers, config.vmm, scratch)
         engine = cls(config, device, prepared.source, prepared.skeleton, prepared.layout, prepared.tokenizer, arena)
         engine._phases = phases
@@ -206,7 +213,13 @@ class Engine:
         try:
             fill.finish()
         except PoolCorruptError as exc:
-            self._rebuild(self._fill_blocks, exc)
+            try:
+                self._rebuild(self._fill_blocks, exc)
+            except BaseException:  # no good weights to serve: asleep, and the next wake reloads the source
+                self.skeleton.unbind()
+                self.arena.release()
+                self._state, self.sleep_level = EngineState.ASLEEP, 2
+                raise
             return True
         self._pool_verified = self._pool_verified or fill.verified
         if self.device.type == "cuda" and self._pool is not None:
@@ -272,6 +285,8 @@ class Engine:
             freed = 0
             if self._state is EngineState.AWAKE:
                 self._settle()  # a wake still landing: finish it (a corrupt pool is dropped, not slept on)
+                if self._decoder is not None and not self.arena.stable_addresses:
+                    self._decoder.invalidate()  # its graphs and cache views hold the scratch that is freed now
                 self.skeleton.unbind()
                 freed = self.arena.release()
                 if self.device.type == "cuda":
@@ -303,34 +318,55 @@ class Engine:
             self._phases.mark("allocate")
             try:
                 origin = self._restore(blocks, overlap)
+                self.arena.allocate()  # a rebuild takes another path than the mirror's: map what is left
             except BaseException:
                 self.arena.release()
                 raise
             self._state, self.sleep_level = EngineState.AWAKE, 0
-            return WakeResult(self._phases.total, sum(b.nbytes for b in blocks if b.weights), origin,
+            return WakeResult(self._phases.total, sum(b.nbytes for b in blocks), origin,
                               self._last_restore_verified, self._phases.seconds, level, self._fill is not None)
 
     # -- generation -----------------------------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                 started: float | None = None) -> Iterator[TokenEvent]:
-        """Stream tokens. Arguments and state are checked now; tokens come as the iterator is consumed."""
+                 started: float | None = None) -> TokenStream:
+        """Stream tokens. Arguments and state are checked now; tokens come as the iterator is consumed. Close the
+        stream (or consume it) to give its claim back; one never started is released by close() too."""
         started = time.perf_counter() if started is None else started
         params = params or SamplingParams()
         ids = self.encode(prompt, params.max_tokens)
         with self._lock:
             self._check_awake()
             self._streams += 1
-        return self._stream(ids, params, started)
+            try:
+                graphed = self._claim_static_cache(len(ids) + params.max_tokens)
+            except BaseException:
+                self._streams -= 1
+                raise
+        claimed = [True]
 
-    def _stream(self, ids: list[int], params: SamplingParams, started: float) -> Iterator[TokenEvent]:
-        decoder, graphed = self._decoder, None
-        if decoder is not None:
-            tokens = len(ids) + params.max_tokens
+        def release() -> None:
             with self._lock:
-                self._check_awake()
-                if decoder.accepts(tokens):  # else longer than the static cache: transformers' DynamicCache
-                    graphed = (decoder.private(tokens) if decoder.busy  # a concurrent stream: same numerics, eager
-                               else decoder.acquire(self.arena.scratch(), self._epoch, tokens))
+                if claimed[0]:
+                    claimed[0] = False
+                    self._streams -= 1
+                    if graphed is not None and graphed.graphed:
+                        self._decoder.release()
+
+        return TokenStream(self._stream(ids, params, started, graphed), release)
+
+    def _claim_static_cache(self, tokens: int) -> DecodeCache | None:
+        """The static cache this request decodes over: the shared one and its graphs, a private one when another
+        stream holds that, or None (transformers' DynamicCache) when there is no decoder or it is too long."""
+        decoder = self._decoder
+        if decoder is None or not decoder.accepts(tokens):
+            return None
+        if decoder.busy:  # a concurrent stream: the same length and kernels, eager steps
+            return decoder.private(tokens)
+        return decoder.acquire(self.arena.scratch(), self._epoch, tokens)
+
+    def _stream(self, ids: list[int], params: SamplingParams, started: float,
+                graphed: DecodeCache | None) -> Iterator[TokenEvent]:
+        decoder = self._decoder
         cache = DynamicCache(config=self.skeleton.config) if graphed is None else None
 
         def run(input_ids: torch.Tensor, prefill: bool) -> torch.Tensor:
@@ -354,13 +390,7 @@ class Engine:
                     logits = run(input_ids, prefill)
                 return logits
 
-        try:
-            yield from stream_tokens(forward, self.tokenizer, ids, params, self.eos_ids, self.device, started)
-        finally:
-            with self._lock:
-                self._streams -= 1
-                if graphed is not None and graphed.graphed:
-                    decoder.release()
+        yield from stream_tokens(forward, self.tokenizer, ids, params, self.eos_ids, self.device, started)
 
     def complete(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Completion:
         started = time.perf_counter()

@@ -186,3 +186,27 @@ def stream_tokens(
         if not params.greedy:
             ids = torch.cat([ids, token.view(1, 1)], dim=1)  # warpers may look at the history
         logits = forward(token.view(1, 1), False)
+
+
+class TokenStream(Iterator[TokenEvent]):
+    """The iterator `Engine.generate` returns: its claim (a stream slot, perhaps the graph decoder) is given back
+    exactly once, when it ends, fails or is closed, even if it was closed before it ever started."""
+
+    def __init__(self, events: Iterator[TokenEvent], release: Callable[[], None]):
+        self._events, self._release = events, release
+
+    def __next__(self) -> TokenEvent:
+        try:
+            return next(self._events)
+        except BaseException:
+            self._release()
+            raise
+
+    def close(self) -> None:
+        try:
+            self._events.close()
+        finally:
+            self._release()
+
+    def __del__(self) -> None:
+        self.close()
