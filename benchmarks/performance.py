@@ -126,7 +126,7 @@ def main() -> None:
                                        min(args.compile_tokens, engine.config.graph_tokens), compile=True)
         t = time.perf_counter()
         with torch.inference_mode(), attention_backends(device):
-            engine._decoder.prepare(engine.arena.scratch(), engine._epoch)
+            engine._decoder.prepare(engine.arena.scratch())
         R["decode"]["compile_s"] = time.perf_counter() - t
         rate, tokens = decode_rate(engine, args.tokens, "graph")
         R["decode"]["compiled_graph_tok_s"] = rate

@@ -93,7 +93,6 @@ class GraphDecoder:
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
         self._shared: dict[int, DecodeCache] = {}  # cache length -> its views of the scratch block and graph
         self._scratch_ptr: int | None = None
-        self._epoch = -1
         self._busy = False
         self._pool = None  # one memory pool shared by every captured graph
         # made once and distinct: a warm-up on the capture stream would allocate that stream's cuBLAS workspace
@@ -107,10 +106,6 @@ class GraphDecoder:
         self.captures = 0  # graphs captured so far (the benchmark checks it stays put across sleep/wake)
         self.replays = 0
 
-    @property
-    def nbytes(self) -> int:
-        return kv_bytes(self.config, self.dtype, self.max_tokens)
-
     def accepts(self, tokens: int) -> bool:
         """Whether a request of `tokens` positions (prompt + new) decodes over a static cache at all."""
         return tokens <= self.max_tokens
@@ -120,12 +115,12 @@ class GraphDecoder:
         return self._busy
 
     @torch.inference_mode()  # the cache's tensors are made and reset in one mode, as the steps use them
-    def acquire(self, scratch: torch.Tensor, epoch: int, tokens: int) -> DecodeCache:
+    def acquire(self, scratch: torch.Tensor, tokens: int) -> DecodeCache:
         """Claim the shared cache and its graph for one request of `tokens` positions. `scratch` is the arena's
-        scratch block; `epoch` changes whenever the weights or the scratch may have moved (re-allocating arena)."""
-        if scratch.data_ptr() != self._scratch_ptr or epoch != self._epoch:
+        scratch block. (An arena that re-allocates on wake moves the weights too: `invalidate` before its sleep.)"""
+        if scratch.data_ptr() != self._scratch_ptr:
             self._shared.clear()  # the graphs captured addresses that are gone
-            self._scratch_ptr, self._epoch = scratch.data_ptr(), epoch
+            self._scratch_ptr = scratch.data_ptr()
         length = self._length(tokens)
         entry = self._shared.get(length)
         if entry is None:
@@ -155,9 +150,9 @@ class GraphDecoder:
         return self.max_tokens if self.compiled else cache_length(tokens, self.max_tokens)
 
     @torch.inference_mode()
-    def prepare(self, scratch: torch.Tensor, epoch: int) -> None:
+    def prepare(self, scratch: torch.Tensor) -> None:
         """Compile (when asked to) and capture the graph now, at load, rather than in the first request."""
-        entry = self.acquire(scratch, epoch, MIN_TOKENS)
+        entry = self.acquire(scratch, MIN_TOKENS)
         try:
             self.prefill(entry, torch.zeros(1, 1, dtype=torch.long, device=self.device))
             self._capture(entry)
@@ -173,9 +168,7 @@ class GraphDecoder:
     def _cache(self, scratch: torch.Tensor, length: int, stride_tokens: int) -> StaticCache:
         """A StaticCache of `length` positions whose keys and values are views into `scratch`, laid out as
         [layer][keys|values][head][stride_tokens][head_dim]."""
-        cache = StaticCache(config=self.config, max_cache_len=length)
-        if any(type(layer) is not StaticLayer for layer in cache.layers):
-            raise ValueError("graph decode needs full-attention layers; this model has sliding-window layers")
+        cache = StaticCache(config=self.config, max_cache_len=length)  # full-attention layers: checked at load
         per = self.heads * stride_tokens * self.head_dim  # elements of one layer's keys (or values)
         # a tensor of the cache's dtype over the scratch bytes, not a dtype view of them: torch.compile does not
         # handle mutations of inputs that are views with another dtype than their base

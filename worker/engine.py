@@ -62,11 +62,9 @@ class Engine:
         self._pool_verified = False  # the attached pool passed a checksum at least once
         self._staging: StagingRing | None = None
         self._fill: ArenaFill | None = None  # a restore still in flight behind the forward (overlapped wake)
-        self._fill_blocks: list[Block] = []
         self._gate = LayerGate(skeleton.model, layout)
         self._decoder = (GraphDecoder(skeleton.model, skeleton.config, config.torch_dtype, device, config.graph_tokens,
                                       compile=config.decode_graphs == "compile" and device.type == "cuda") if arena.scratch_bytes_planned else None)
-        self._epoch = 0  # bumped whenever a wake may have moved the weights (re-allocating arena)
         self._phases = Phases(device)
         self._state = EngineState.ASLEEP
         self.sleep_level = 0
@@ -104,11 +102,11 @@ class Engine:
                 engine._warm_up()  # queued behind the copy still in flight: kernels load while the weights land
             if engine._settle():  # the attached pool failed its checksum behind the warm-up
                 how = "rebuilt"
+            phases.mark("copy_verify_warm_up" if device.type == "cuda" else "copy_verify")
             if engine._decoder is not None and engine._decoder.compiled and engine.state is EngineState.AWAKE:
                 with torch.inference_mode(), attention_backends(device):
-                    engine._decoder.prepare(engine.arena.scratch(), engine._epoch)
+                    engine._decoder.prepare(engine.arena.scratch())
                 phases.mark("compile_decode")
-            phases.mark("copy_verify_warm_up" if device.type == "cuda" else "copy_verify")
         except BaseException:
             engine.close()
             raise
@@ -134,7 +132,6 @@ class Engine:
             self._state, self.sleep_level = EngineState.ASLEEP, 1
             return how
         blocks = self.arena.allocate()
-        self._epoch += not self.arena.stable_addresses
         self._phases.mark("allocate")
         source = self._restore(blocks, overlap=awake)
         self._state, self.sleep_level = EngineState.AWAKE, 0
@@ -187,13 +184,12 @@ class Engine:
                     raise PoolCorruptError(f"{pool.path} was made for another model or layout")
                 self._expected = torch.from_numpy(pool.manifest.block_sums).to(self.device)
         except PoolCorruptError as exc:
-            return self._rebuild(blocks, exc)
+            return self._rebuild(exc)
         verify = self.config.verify_on_wake or not self._pool_verified  # always the first time
         fill = self.arena.fill(pool.tensor, blocks, self._expected if verify else None, self._staging_for(pool))
-        self.arena.allocate()  # what a deferred allocation left (the KV scratch), while the copy runs
         self.skeleton.bind(self.arena.views())  # host-side work while the copy runs
         self._last_restore_verified = verify
-        self._fill, self._fill_blocks = fill, blocks
+        self._fill = fill
         if overlap:
             self._gate.arm(fill)
             self._phases.mark("queue_copy", wait=False)
@@ -214,7 +210,7 @@ class Engine:
             fill.finish()
         except PoolCorruptError as exc:
             try:
-                self._rebuild(self._fill_blocks, exc)
+                self._rebuild(exc)
             except BaseException:  # no good weights to serve: asleep, and the next wake reloads the source
                 self.skeleton.unbind()
                 self.arena.release()
@@ -227,10 +223,11 @@ class Engine:
             self._pool.pin(self.device)
         return False
 
-    def _rebuild(self, blocks: list[Block], exc: PoolCorruptError) -> str:
+    def _rebuild(self, exc: PoolCorruptError) -> str:
+        """Drop a pool that proved bad and refill every weight block from a new one built from the source."""
         log.warning("%s; rebuilding the pool from %s", exc, self.config.model)
         self._drop_pool(unlink=True)
-        return self._restore(blocks)
+        return self._restore([b for b in self.arena.blocks if b.weights])
 
     def _warm_up(self) -> None:
         """One forward before serving: a fresh process loads its kernels and creates its cuBLAS handle on its
@@ -302,7 +299,7 @@ class Engine:
         """One bulk copy from the pinned mirror (after level 1) or a reload from the source (after level 2).
         Raises DeviceMemoryError, and stays asleep, when the device has no room.
 
-        `overlap` (GPU, from the mirror): return as soon as the copy is queued; the next forward runs behind it
+        `overlap` (from the mirror): return as soon as the copy is queued; the next forward runs behind it
         layer by layer, so a request's first token costs about the copy alone. `seconds` then covers only the
         allocation and queueing; the copy's verification is settled by that forward (or by the next sleep)."""
         with self._lock:
@@ -314,11 +311,10 @@ class Engine:
             level = self.sleep_level
             # from a pinned mirror the copy is queued at once, so each segment can be mapped just before its copy
             blocks = self.arena.allocate(defer=overlap and self._pool is not None and self._pool.pinned)
-            self._epoch += not self.arena.stable_addresses
             self._phases.mark("allocate")
             try:
                 origin = self._restore(blocks, overlap)
-                self.arena.allocate()  # a rebuild takes another path than the mirror's: map what is left
+                self.arena.allocate()  # what the deferred allocation left to map (the KV scratch), while the copy runs
             except BaseException:
                 self.arena.release()
                 raise
@@ -342,15 +338,12 @@ class Engine:
             except BaseException:
                 self._streams -= 1
                 raise
-        claimed = [True]
 
-        def release() -> None:
+        def release() -> None:  # TokenStream calls it once
             with self._lock:
-                if claimed[0]:
-                    claimed[0] = False
-                    self._streams -= 1
-                    if graphed is not None and graphed.graphed:
-                        self._decoder.release()
+                self._streams -= 1
+                if graphed is not None and graphed.graphed:
+                    self._decoder.release()
 
         return TokenStream(self._stream(ids, params, started, graphed), release)
 
@@ -362,7 +355,7 @@ class Engine:
             return None
         if decoder.busy:  # a concurrent stream: the same length and kernels, eager steps
             return decoder.private(tokens)
-        return decoder.acquire(self.arena.scratch(), self._epoch, tokens)
+        return decoder.acquire(self.arena.scratch(), tokens)
 
     def _stream(self, ids: list[int], params: SamplingParams, started: float,
                 graphed: DecodeCache | None) -> Iterator[TokenEvent]:
@@ -417,14 +410,9 @@ class Engine:
             if self._state is EngineState.CLOSED:
                 return
             self._gate.disarm()
-            if self._fill is not None:  # nothing may still write into what is freed below
-                try:
-                    self._fill.finish()
-                except Exception:  # closing anyway
-                    pass
-                self._fill = None
+            self._fill = None
             if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+                torch.cuda.synchronize(self.device)  # no copy in flight may still write into what is freed below
             self.skeleton.unbind()
             self.arena.close()
             if self._staging is not None:

@@ -193,7 +193,12 @@ class TokenStream(Iterator[TokenEvent]):
     exactly once, when it ends, fails or is closed, even if it was closed before it ever started."""
 
     def __init__(self, events: Iterator[TokenEvent], release: Callable[[], None]):
-        self._events, self._release = events, release
+        self._events, self._on_release = events, release
+
+    def _release(self) -> None:
+        release, self._on_release = self._on_release, None
+        if release is not None:
+            release()
 
     def __next__(self) -> TokenEvent:
         try:
