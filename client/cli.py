@@ -49,6 +49,8 @@ def status_table(s: Status) -> Table:
     table.add_row("device memory", bar(s.device_used_bytes, s.device_total_bytes) + f"  [dim]({s.memory_source})[/]")
     table.add_row("worker", f"pid {s.worker_pid or '-'}, {human(s.worker_device_bytes)} on the device, "
                             f"weights {s.worker_load_source or '-'}, {s.restarts} restart(s)")
+    if s.standby_pid:
+        table.add_row("standby", f"pid {s.standby_pid}, warmed up and asleep")
     table.add_row("pool", human(s.pool_bytes))
     if s.idle_timeout_seconds:
         left = max(0.0, s.idle_timeout_seconds - s.idle_seconds)

@@ -75,6 +75,7 @@ class Status:
     uptime_seconds: float
     configured_sleep_level: int
     version: str
+    standby_pid: int = 0  # the spare worker (ksleepd --standby); 0 when none is ready
     history: list[dict] = field(default_factory=list)
 
     @classmethod
@@ -91,7 +92,7 @@ class Status:
             pb.in_flight, pb.idle_seconds, pb.idle_timeout_seconds,
             *(transition_dict(getattr(pb, n)) if pb.HasField(n) else None for n in ("last_sleep", "last_wake", "last_restart")),
             optional("last_ttft_seconds"), pb.sleeps_total, pb.wakes_total, pb.memory_source, pb.worker_load_source,
-            pb.uptime_seconds, pb.configured_sleep_level, pb.version, history,
+            pb.uptime_seconds, pb.configured_sleep_level, pb.version, pb.standby_pid, history,
         )
 
     def to_dict(self) -> dict:

@@ -164,7 +164,15 @@ class WorkerHandle:
         handle = cls(pid, socket_path, forkserver.exit_future(pid))
         forked = time.perf_counter()
         ready = asyncio.ensure_future(handle.channel.channel_ready())
-        await asyncio.wait([ready, handle.exited], return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait([ready, handle.exited], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # nobody will use this worker: it must not live on, loading
+            ready.cancel()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # it serves nothing yet; a pool it was building stays a .tmp that pool.py sweeps
+            await handle.channel.close()
+            socket_path.unlink(missing_ok=True)
+            raise
         handle.startup = {"fork": forked - t0, "start": time.perf_counter() - forked}
         if not ready.done():
             ready.cancel()

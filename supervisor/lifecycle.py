@@ -23,9 +23,10 @@ from ksleep.worker.errors import KsleepError, StateError
 from ksleep.worker.poolfiles import data_path, remove_pool_files
 
 from .config import DaemonConfig, runtime_dir
-from .launcher import Forkserver, WorkerHandle
+from .launcher import Forkserver, WorkerHandle, WorkerStartError
 from .metrics import Metrics
 from .monitor import DeviceMemory, MemoryHistory, select_backend
+from .standby import Standby
 
 log = logging.getLogger("ksleep.lifecycle")
 S = common_pb2  # state names: S.STATE_AWAKE ...
@@ -83,13 +84,16 @@ class Lifecycle:
         self._background: list[asyncio.Task] = []
         sockets = runtime_dir()
         sockets.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._worker_socket = sockets / f"worker-{os.getpid()}.sock"
+        self._sockets = sockets
+        self._spawned = 0
+        self.standby = Standby(self._launch_standby)
 
     # -- start and stop -------------------------------------------------------------------------------------
     async def start(self) -> None:
         await self._spawn(start_asleep=False)  # starts the forkserver first
         self.state = S.STATE_AWAKE
         self._touch()  # the idle timer starts now, not when loading began
+        self._fill_standby()
         self._background = [asyncio.create_task(self._idle_loop()), asyncio.create_task(self._sample_loop())]
 
     async def stop(self) -> None:
@@ -98,6 +102,7 @@ class Lifecycle:
             task.cancel()
         async with self._lock:
             self.state = S.STATE_STOPPED
+            await self.standby.stop(self.config.grace)
             if self.worker is not None:
                 await self.worker.stop(self.config.grace)
                 self.worker = None
@@ -113,18 +118,47 @@ class Lifecycle:
                 log.warning("the forkserver is gone; starting a new one")
                 self.forkserver = Forkserver(self.config.log_level)
             await self.forkserver.start()
-        settings = self.config.worker_settings(self._worker_socket, start_asleep)
+        settings = self.config.worker_settings(self._next_socket(), start_asleep)
         worker = await WorkerHandle.launch(self.forkserver, settings)
-        self.worker = worker
-        self.worker_info = await worker.stub.Status(worker_pb2.WorkerStatusRequest())
-        if self.memory_backend is None:
-            self.memory_backend = select_backend(self.worker_info.device, self.worker_info.device_uuid)
-        asyncio.create_task(self._watch(worker))
+        await self._adopt(worker)
         log.info("worker %d up: %s (%s in %.2f s)", worker.pid, self.worker_info.model, self.worker_info.load_source,
                  self.worker_info.load_seconds)
         phases = {"fork": worker.startup["fork"]}
         phases.update({f"worker.{k}": v for k, v in self.worker_info.load_phases.items()})
         phases["connect"] = max(0.0, worker.startup["start"] - self.worker_info.load_seconds)  # imports, CUDA, socket
+        return phases
+
+    async def _adopt(self, worker: WorkerHandle) -> None:
+        """Make `worker` the one that serves."""
+        self.worker = worker
+        self.worker_info = await worker.stub.Status(worker_pb2.WorkerStatusRequest())
+        if self.memory_backend is None:
+            self.memory_backend = select_backend(self.worker_info.device, self.worker_info.device_uuid)
+        asyncio.create_task(self._watch(worker))
+
+    def _next_socket(self):
+        self._spawned += 1  # each worker its own socket: a spare starts while another worker serves
+        return self._sockets / f"worker-{os.getpid()}-{self._spawned}.sock"
+
+    async def _launch_standby(self) -> WorkerHandle:
+        if not self.forkserver.alive:
+            raise WorkerStartError("the forkserver is not running")
+        return await WorkerHandle.launch(self.forkserver, self.config.worker_settings(self._next_socket(), False, standby=True))
+
+    def _fill_standby(self, delay: float = 0.0) -> None:
+        if self.config.standby and not self._stopping:
+            self.standby.fill(delay)
+
+    async def _promote(self, spare: WorkerHandle, wake: bool) -> dict[str, float]:
+        """The spare replaces the dead worker; woken at once (its copy queued) when the daemon was awake."""
+        t0 = time.perf_counter()
+        await self._adopt(spare)
+        phases = {"promote": time.perf_counter() - t0}
+        if wake:
+            t1 = time.perf_counter()
+            await spare.stub.Wake(worker_pb2.WorkerWakeRequest(overlap=True))
+            phases["wake"] = time.perf_counter() - t1
+        log.info("standby worker %d took over", spare.pid)
         return phases
 
     async def _watch(self, worker: WorkerHandle) -> None:
@@ -145,20 +179,32 @@ class Lifecycle:
 
     async def _restart(self, delay: float, asleep: bool) -> None:
         t0 = time.perf_counter()
-        await asyncio.sleep(delay)  # backoff timer
+        spare = self.standby.take()
+        if spare is None:
+            await asyncio.sleep(delay)  # backoff timer (it delays the next spare instead)
         async with self._lock:
             if self.worker is not None or self._stopping:
+                if spare is not None:
+                    await spare.stop(self.config.grace)
                 return
             self.state = S.STATE_LOADING
             try:
-                phases = await self._spawn(start_asleep=asleep)
+                if spare is not None:
+                    phases = await self._promote(spare, wake=not asleep)
+                else:
+                    phases = {"backoff": delay, **await self._spawn(start_asleep=asleep)}
             except BaseException:
                 self.state = S.STATE_STOPPED
                 raise
-            self.state = S.STATE_ASLEEP if asleep else S.STATE_AWAKE
-            self.last_restart = common_pb2.Transition(
-                seconds=time.perf_counter() - t0, bytes=self.worker_info.memory.resident_bytes, at_unix=time.time(),
-                source="spawn", phases={"backoff": delay, **phases})
+            if asleep:
+                self.state, self.sleep_level = S.STATE_ASLEEP, max(1, self.sleep_level)
+            else:
+                self.state, self.sleep_level = S.STATE_AWAKE, 0
+            memory = self.worker_info.memory  # as the new worker reported it before a promoting wake
+            restored = memory.weight_bytes if spare is not None and not asleep else memory.resident_bytes
+            self.last_restart = common_pb2.Transition(seconds=time.perf_counter() - t0, bytes=restored, at_unix=time.time(),
+                                                      source="standby" if spare else "spawn", phases=phases)
+        self._fill_standby(delay)
         self._record()
 
     # -- requests -------------------------------------------------------------------------------------------
@@ -261,6 +307,7 @@ class Lifecycle:
             self.last_wake = wake
             self.metrics.wake_seconds.observe(wake.seconds)
             log.info("awake in %.3f s (%s)", wake.seconds, wake.source)
+        self._fill_standby()  # after a level-2 or -3 sleep, which stopped it
         self._record()
 
     # -- sleeping -------------------------------------------------------------------------------------------
@@ -294,6 +341,8 @@ class Lifecycle:
         self.state = S.STATE_SLEEPING
         t0 = time.perf_counter()
         try:
+            if level >= 2:  # the spare would keep the dropped pool mapped, or a CUDA context on the device
+                await self.standby.stop(self.config.grace)
             if level == 3:
                 worker, self.worker = self.worker, None
                 await worker.stop(self.config.grace)

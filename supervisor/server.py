@@ -117,7 +117,7 @@ def status_message(lc: Lifecycle, include_history: bool = False) -> ksleep_pb2.S
         sleeps_total=lc.sleeps_total, wakes_total=lc.wakes_total,
         memory_source=lc.memory_backend.name if lc.memory_backend else "worker",
         worker_load_source=info.load_source if info else "", uptime_seconds=time.time() - lc.started_unix,
-        configured_sleep_level=lc.config.sleep_level, version=VERSION,
+        configured_sleep_level=lc.config.sleep_level, version=VERSION, standby_pid=lc.standby.pid,
     )
     if latest is not None and latest.worker_device is not None:
         out.worker_device_bytes = latest.worker_device
