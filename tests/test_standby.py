@@ -49,7 +49,7 @@ def test_a_killed_worker_is_replaced_by_the_standby_awake_and_asleep(start_daemo
     assert daemon.status().standby_pid == second  # level 1 keeps it
     os.kill(spare, signal.SIGKILL)  # asleep: the spare takes over asleep; the next request wakes it
     deadline = time.monotonic() + 60
-    while (status := daemon.status()).worker_pid != second and time.monotonic() < deadline:
+    while ((status := daemon.status()).worker_pid, status.state) != (second, S.STATE_ASLEEP) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert status.worker_pid == second and status.state == S.STATE_ASLEEP and status.restarts == 2
     assert "wake" not in status.last_restart.phases
