@@ -41,6 +41,7 @@ class DaemonConfig:
     sleep_level: int = field(default=1, metadata={"help": "1: keep the pinned mirror; 2: drop it too; 3: stop the worker process"})
     keep_layers: int = field(default=0, metadata={"help": "last N decoder layers stay on the device while asleep"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+    verify_wakes: bool = field(default=True, metadata={"help": "checksum every wake's copy on the device against the pool's manifest before the first token (about 10 ms of a 0.29 s 7B wake on an H200); off: only each worker's first wake from the pool"})
     standby: bool = field(default=False, metadata={"help": "keep a spare worker loaded, warmed up and asleep that replaces a worker that dies in about one wake instead of a spawn (costs its CUDA context, ~0.5-1 GB of device memory, also while asleep; stopped at sleep levels 2 and 3)"})
     keep_pool: bool = field(default=False, metadata={"help": "leave the weight pool in /dev/shm on shutdown"})
     cache_dir: str = field(default="", metadata={"help": "converted models (default $KSLEEP_CACHE_DIR or ~/.cache/ksleep)"})
@@ -125,7 +126,8 @@ class DaemonConfig:
             cache_dir=self.cache_dir, model_dir=self.model_dir, shm_dir=self.shm_dir, pool_prefix=self.pool_prefix,
             vmm=self.vmm, trust_remote_code=self.trust_remote_code, socket_path=str(socket_path),
             supervisor_pid=os.getpid(), start_asleep=start_asleep, log_level=self.log_level,
-            decode_graphs=self.decode_graphs, graph_tokens=self.graph_tokens, standby=standby)
+            decode_graphs=self.decode_graphs, graph_tokens=self.graph_tokens, standby=standby,
+            skip_wake_checksums=not self.verify_wakes)
 
 
 def _parse(f, text: str, where: str):

@@ -226,6 +226,19 @@ def test_a_worker_can_start_asleep_on_an_existing_pool(open_engine, make_config)
         second.close()
 
 
+def test_without_wake_checksums_only_the_first_wake_of_an_attached_pool_is_checked(open_engine, make_config):
+    baseline = ids(open_engine())
+    second = Engine.load(make_config(verify_on_wake=False), awake=False)
+    try:
+        assert second.wake().verified  # a pool this process never checked
+        assert ids(second) == baseline
+        second.sleep(1)
+        woke = second.wake()
+        assert not woke.verified and woke.source == "mirror" and ids(second) == baseline
+    finally:
+        second.close()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand a pool to another user")
 def test_a_pool_owned_by_another_user_is_refused(open_engine, make_config):
     engine = open_engine()

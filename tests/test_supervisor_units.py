@@ -19,6 +19,15 @@ def test_flags_beat_environment_beat_toml_beat_defaults(tmp_path):
     assert config.device == "auto" and config.listen.endswith("ksleepd.sock")
 
 
+def test_verify_wakes_and_standby_reach_the_worker_settings(tmp_path):
+    from ksleep.worker.config import WorkerConfig
+
+    default = DaemonConfig().worker_settings(tmp_path / "w.sock", False)
+    assert WorkerConfig.from_pb(default).verify_on_wake and not default.standby
+    off = DaemonConfig.load({"verify_wakes": False}, environ={"KSLEEP_STANDBY": "1"}).worker_settings(tmp_path / "w.sock", False, standby=True)
+    assert not WorkerConfig.from_pb(off).verify_on_wake and off.standby
+
+
 @pytest.mark.parametrize("bad", [{"sleep_level": 4}, {"device": "tpu"}, {"idle_timeout": -1}, {"listen": "nowhere"},
                                  {"listen": "localhost:99999"}, {"log_level": "loud"}])
 def test_bad_settings_are_refused(bad):

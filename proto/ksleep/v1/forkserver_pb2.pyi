@@ -6,7 +6,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerSettings(_message.Message):
-    __slots__ = ("model", "device", "dtype", "keep_layers", "cache_dir", "model_dir", "shm_dir", "pool_prefix", "vmm", "trust_remote_code", "socket_path", "supervisor_pid", "start_asleep", "log_level", "decode_graphs", "graph_tokens", "standby")
+    __slots__ = ("model", "device", "dtype", "keep_layers", "cache_dir", "model_dir", "shm_dir", "pool_prefix", "vmm", "trust_remote_code", "socket_path", "supervisor_pid", "start_asleep", "log_level", "decode_graphs", "graph_tokens", "standby", "skip_wake_checksums")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class WorkerSettings(_message.Message):
     DECODE_GRAPHS_FIELD_NUMBER: _ClassVar[int]
     GRAPH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STANDBY_FIELD_NUMBER: _ClassVar[int]
+    SKIP_WAKE_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     model: str
     device: str
     dtype: str
@@ -41,7 +42,8 @@ class WorkerSettings(_message.Message):
     decode_graphs: str
     graph_tokens: int
     standby: bool
-    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., keep_layers: _Optional[int] = ..., cache_dir: _Optional[str] = ..., model_dir: _Optional[str] = ..., shm_dir: _Optional[str] = ..., pool_prefix: _Optional[str] = ..., vmm: _Optional[str] = ..., trust_remote_code: _Optional[bool] = ..., socket_path: _Optional[str] = ..., supervisor_pid: _Optional[int] = ..., start_asleep: _Optional[bool] = ..., log_level: _Optional[str] = ..., decode_graphs: _Optional[str] = ..., graph_tokens: _Optional[int] = ..., standby: _Optional[bool] = ...) -> None: ...
+    skip_wake_checksums: bool
+    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., keep_layers: _Optional[int] = ..., cache_dir: _Optional[str] = ..., model_dir: _Optional[str] = ..., shm_dir: _Optional[str] = ..., pool_prefix: _Optional[str] = ..., vmm: _Optional[str] = ..., trust_remote_code: _Optional[bool] = ..., socket_path: _Optional[str] = ..., supervisor_pid: _Optional[int] = ..., start_asleep: _Optional[bool] = ..., log_level: _Optional[str] = ..., decode_graphs: _Optional[str] = ..., graph_tokens: _Optional[int] = ..., standby: _Optional[bool] = ..., skip_wake_checksums: _Optional[bool] = ...) -> None: ...
 
 class ForkRequest(_message.Message):
     __slots__ = ("settings",)
