@@ -177,3 +177,35 @@ def test_compiled_decode_step_is_captured_at_load_and_a_concurrent_stream_agrees
     engine.sleep(1)
     engine.wake(overlap=True)
     assert engine.complete(PROMPT, GREEDY).token_ids == plain and engine.decoder.captures == 1
+
+
+def test_daemon_on_gpu_promotes_its_standby_and_level3_leaves_no_process_of_ours(tmp_path, prefix):
+    import os
+    import signal
+
+    import psutil
+
+    from ksleep.v1 import ksleep_pb2
+
+    from .conftest import pool_files
+    from .daemon import Daemon
+    from .test_standby import gone, wait_for_standby
+
+    daemon = Daemon(tmp_path, prefix, "synthetic:tiny", "--device", "cuda", "--standby", "--idle-timeout", "0")
+    try:
+        daemon.wait_ready()
+        baseline = daemon.ids()
+        first, spare = daemon.status().worker_pid, wait_for_standby(daemon)
+        os.kill(first, signal.SIGKILL)
+        assert daemon.ids() == baseline
+        status = daemon.status()
+        assert status.worker_pid == spare and status.last_restart.source == "standby"
+        second = wait_for_standby(daemon, not_in=(first, spare))
+        daemon.stub.Sleep(ksleep_pb2.SleepRequest(level=3))
+        status = daemon.status()
+        assert status.worker_pid == 0 and status.standby_pid == 0 and gone(spare) and gone(second)
+        assert daemon.ids() == baseline
+    finally:
+        pids = [p.pid for p in daemon.processes()] if daemon.proc.poll() is None else []
+        assert daemon.stop() == 0, daemon.output()
+    assert pool_files(prefix) == [] and not any(psutil.pid_exists(p) and not gone(p) for p in pids)
