@@ -99,6 +99,19 @@ class Forkserver:
         return self._exits[pid]
 
     async def fork(self, settings: forkserver_pb2.WorkerSettings) -> int:
+        """Fork a worker; returns its pid. Cancelling the caller does not cancel the exchange: its answer is still
+        read (else the next fork would get it) and a worker it started is killed."""
+        exchange = asyncio.ensure_future(self._fork(settings))
+        try:
+            return await asyncio.shield(exchange)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                pid = await exchange
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            raise
+
+    async def _fork(self, settings: forkserver_pb2.WorkerSettings) -> int:
         async with self._lock:
             if not self.alive:
                 raise WorkerStartError("the forkserver is not running")
@@ -136,6 +149,13 @@ class WorkerHandle:
         self.stopping = False
         self.startup: dict[str, float] = {}  # seconds: fork (forkserver), start (fork to socket accepting)
         self._watch_pidfd()
+        exited.add_done_callback(self._gone)
+
+    def _gone(self, _) -> None:
+        """A worker that died leaves its socket behind (each worker has its own path). (Its channel is not closed
+        here: closing a grpc.aio channel from this callback while a call on it was failing hung the loop, seen in
+        tests; an idle channel does not try to reconnect by itself.)"""
+        self.socket_path.unlink(missing_ok=True)
 
     def _watch_pidfd(self) -> None:
         """Also learn of the exit from the kernel, in case the forkserver that would report it is gone."""

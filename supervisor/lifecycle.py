@@ -86,7 +86,7 @@ class Lifecycle:
         sockets.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._sockets = sockets
         self._spawned = 0
-        self.standby = Standby(self._launch_standby)
+        self.standby = Standby(self._launch_standby, self._standby_wanted)
 
     # -- start and stop -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -107,6 +107,8 @@ class Lifecycle:
                 await self.worker.stop(self.config.grace)
                 self.worker = None
         await self.forkserver.stop(self.config.grace)
+        for stale in self._sockets.glob(f"worker-{os.getpid()}-*.sock"):  # of workers that died
+            stale.unlink(missing_ok=True)
         if self.worker_info is not None and not self.config.keep_pool:
             remove_pool_files(self.config.shm_dir, self.worker_info.pool_name)
             log.info("removed the weight pool %s", self.worker_info.pool_name)
@@ -129,12 +131,12 @@ class Lifecycle:
         return phases
 
     async def _adopt(self, worker: WorkerHandle) -> None:
-        """Make `worker` the one that serves."""
+        """Make `worker` the one that serves (watched from now on: a death during the call below is a crash)."""
         self.worker = worker
+        asyncio.create_task(self._watch(worker))
         self.worker_info = await worker.stub.Status(worker_pb2.WorkerStatusRequest())
         if self.memory_backend is None:
             self.memory_backend = select_backend(self.worker_info.device, self.worker_info.device_uuid)
-        asyncio.create_task(self._watch(worker))
 
     def _next_socket(self):
         self._spawned += 1  # each worker its own socket: a spare starts while another worker serves
@@ -145,19 +147,30 @@ class Lifecycle:
             raise WorkerStartError("the forkserver is not running")
         return await WorkerHandle.launch(self.forkserver, self.config.worker_settings(self._next_socket(), False, standby=True))
 
+    def _standby_wanted(self) -> bool:
+        """A spare loads the weights awake before it sleeps: start one only while the model is awake."""
+        return self.config.standby and not self._stopping and self.state == S.STATE_AWAKE
+
     def _fill_standby(self, delay: float = 0.0) -> None:
-        if self.config.standby and not self._stopping:
+        if self._standby_wanted():
             self.standby.fill(delay)
 
-    async def _promote(self, spare: WorkerHandle, wake: bool) -> dict[str, float]:
-        """The spare replaces the dead worker; woken at once (its copy queued) when the daemon was awake."""
+    async def _promote(self, spare: WorkerHandle, wake: bool) -> dict[str, float] | None:
+        """The spare replaces the dead worker; woken at once (its copy queued) when the daemon was awake. None
+        when it could not take over (it died too, or its wake failed): the caller spawns a worker instead."""
         t0 = time.perf_counter()
-        await self._adopt(spare)
-        phases = {"promote": time.perf_counter() - t0}
-        if wake:
-            t1 = time.perf_counter()
-            await spare.stub.Wake(worker_pb2.WorkerWakeRequest(overlap=True))
-            phases["wake"] = time.perf_counter() - t1
+        try:
+            await self._adopt(spare)
+            phases = {"promote": time.perf_counter() - t0}
+            if wake:
+                t1 = time.perf_counter()
+                await spare.stub.Wake(worker_pb2.WorkerWakeRequest(overlap=True))
+                phases["wake"] = time.perf_counter() - t1
+        except grpc.aio.AioRpcError as exc:
+            log.warning("standby worker %d could not take over (%s); spawning a worker", spare.pid, exc.details())
+            self.worker = None
+            await spare.stop(self.config.grace)  # marks it stopping: its watcher does not count a crash
+            return None
         log.info("standby worker %d took over", spare.pid)
         return phases
 
@@ -179,19 +192,17 @@ class Lifecycle:
 
     async def _restart(self, delay: float, asleep: bool) -> None:
         t0 = time.perf_counter()
-        spare = self.standby.take()
-        if spare is None:
-            await asyncio.sleep(delay)  # backoff timer (it delays the next spare instead)
+        if not self.standby.ready:
+            await asyncio.sleep(delay)  # backoff timer (with a spare, it delays the next spare instead)
         async with self._lock:
             if self.worker is not None or self._stopping:
-                if spare is not None:
-                    await spare.stop(self.config.grace)
                 return
             self.state = S.STATE_LOADING
+            spare = self.standby.take()
             try:
-                if spare is not None:
-                    phases = await self._promote(spare, wake=not asleep)
-                else:
+                phases = await self._promote(spare, wake=not asleep) if spare is not None else None
+                if phases is None:
+                    spare = None
                     phases = {"backoff": delay, **await self._spawn(start_asleep=asleep)}
             except BaseException:
                 self.state = S.STATE_STOPPED
@@ -335,14 +346,14 @@ class Lifecycle:
     async def _sleep_locked(self, level: int) -> common_pb2.Transition:
         if self.state == S.STATE_ASLEEP and self.sleep_level >= level:
             return common_pb2.Transition(level=self.sleep_level)  # already at least that deep
+        t0 = time.perf_counter()
+        if level >= 2:  # the spare would keep the dropped pool mapped, or a CUDA context on the device
+            await self.standby.stop(self.config.grace)  # (first: the worker may die meanwhile)
         if self.worker is None:
             raise StateError("no worker is running (it is restarting); sleep again once it is up")
         before = self.state
         self.state = S.STATE_SLEEPING
-        t0 = time.perf_counter()
         try:
-            if level >= 2:  # the spare would keep the dropped pool mapped, or a CUDA context on the device
-                await self.standby.stop(self.config.grace)
             if level == 3:
                 worker, self.worker = self.worker, None
                 await worker.stop(self.config.grace)
@@ -353,6 +364,7 @@ class Lifecycle:
         except BaseException:
             if self.state == S.STATE_SLEEPING:
                 self.state = before
+            self._fill_standby()  # still awake: the spare stopped above comes back
             raise
         self.state, self.sleep_level = S.STATE_ASLEEP, max(level, self.sleep_level)
         self.sleeps_total += 1
@@ -376,8 +388,10 @@ class Lifecycle:
             if self.state == S.STATE_AWAKE and not self.in_flight:
                 remaining = self._last_activity + timeout - time.monotonic()
                 if remaining <= 0:
-                    with contextlib.suppress(KsleepError):
+                    try:
                         await self.sleep(None, ksleep_pb2.SLEEP_MODE_WAIT)
+                    except (KsleepError, grpc.aio.AioRpcError) as exc:  # e.g. the worker died meanwhile: try later
+                        log.warning("idle sleep failed: %s", exc)
                     continue
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._activity.wait(), remaining)

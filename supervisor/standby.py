@@ -3,8 +3,10 @@
 A worker restarted from the forkserver pays for CUDA's initialisation, a first copy of the weights through a
 staging ring (a new process has not pinned the pool yet) and its kernels' first load: about 2 s for a 7B on an
 H200. The spare has all of that behind it, so replacing a dead worker with it costs one wake from the pinned pool
-(about 0.3 s). The price is its CUDA context, ~0.5-1 GB of device memory, held asleep or awake; so it is opt-in,
-and stopped at sleep levels 2 (its mapping would keep the dropped pool alive) and 3 (nothing of ours on the device).
+(about 0.3 s). The price is its CUDA context, ~0.5-1 GB of device memory, held asleep or awake, and, while it
+starts, the weights' device memory a second time (it loads and warms up awake, then sleeps; so it is started only
+while the model is awake). So it is opt-in, and stopped at sleep levels 2 (its mapping would keep the dropped pool
+alive) and 3 (nothing of ours on the device).
 """
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ RETRY_WINDOW = 300.0
 class Standby:
     """At most one spare worker. `fill()` starts one in the background; `take()` hands a ready one over."""
 
-    def __init__(self, launch: Callable[[], Awaitable[WorkerHandle]]):
+    def __init__(self, launch: Callable[[], Awaitable[WorkerHandle]], wanted: Callable[[], bool]):
         self._launch = launch
+        self._wanted = wanted  # checked again when a delayed start comes due
         self._handle: WorkerHandle | None = None
         self._task: asyncio.Task | None = None
         self._failures: list[float] = []
@@ -34,6 +37,10 @@ class Standby:
     def pid(self) -> int:
         """The ready spare's pid; 0 when there is none (yet)."""
         return self._handle.pid if self._handle is not None else 0
+
+    @property
+    def ready(self) -> bool:
+        return self._handle is not None and not self._handle.exited.done()
 
     @property
     def starting(self) -> bool:
@@ -62,6 +69,8 @@ class Standby:
 
     async def _start(self, delay: float) -> None:
         await asyncio.sleep(delay)  # backoff timer
+        if not self._wanted():
+            return  # e.g. the model fell asleep meanwhile: the next wake fills again
         t0 = time.perf_counter()
         try:
             handle = await self._launch()

@@ -33,6 +33,7 @@ def start_daemon(tmp_path, prefix):
         code = daemon.stop()
         assert code == 0, daemon.output()
         assert not daemon.socket.exists(), "the public socket outlived ksleepd"
+        assert not list((tmp_path / "run").glob("**/worker-*.sock")), "a worker socket outlived ksleepd"
         assert pool_files(prefix) == [], "the pool outlived ksleepd"
         assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
 

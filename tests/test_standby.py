@@ -65,4 +65,36 @@ def test_the_standby_stops_at_level3_and_returns_after_the_wake(start_daemon):  
     status = daemon.status()
     assert status.worker_pid == 0 and status.standby_pid == 0 and gone(spare)
     assert daemon.ids() == baseline
-    assert wait_for_standby(daemon, not_in=(spare,)) != daemon.status().worker_pid
+    assert psutil.pid_exists(wait_for_standby(daemon, not_in=(spare,)))  # the wake starts a new one
+
+
+def test_a_spare_that_dies_with_the_worker_gives_way_to_a_spawned_worker(start_daemon):  # noqa: F811
+    daemon = start_daemon("synthetic:tiny", "--idle-timeout", "0", "--standby")
+    baseline = daemon.ids()
+    first, spare = daemon.status().worker_pid, wait_for_standby(daemon)
+    os.kill(first, signal.SIGKILL)
+    os.kill(spare, signal.SIGKILL)
+    assert daemon.ids() == baseline  # waits for whichever restart happens
+    status = daemon.status()
+    assert status.worker_pid not in (0, first, spare) and status.state == S.STATE_AWAKE
+    assert status.last_restart.source == "spawn"
+    assert psutil.pid_exists(wait_for_standby(daemon, not_in=(first, spare)))
+
+
+def test_no_spare_starts_while_the_model_sleeps_deeper_than_level1(start_daemon):  # noqa: F811
+    daemon = start_daemon("synthetic:tiny", "--idle-timeout", "0", "--standby")
+    baseline = daemon.ids()
+    spare = wait_for_standby(daemon)
+    daemon.stub.Sleep(ksleep_pb2.SleepRequest(level=2))
+    first = daemon.status().worker_pid
+    assert daemon.status().standby_pid == 0 and gone(spare)
+    os.kill(first, signal.SIGKILL)  # restarted asleep
+    deadline = time.monotonic() + 60
+    while (status := daemon.status()).worker_pid in (0, first) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert status.state == S.STATE_ASLEEP and status.sleep_level == 2 and status.restarts == 1
+    time.sleep(1.0)
+    status = daemon.status()
+    assert status.standby_pid == 0 and status.state == S.STATE_ASLEEP
+    assert daemon.ids() == baseline
+    assert psutil.pid_exists(wait_for_standby(daemon, not_in=(spare,)))

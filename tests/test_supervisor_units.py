@@ -24,7 +24,9 @@ def test_verify_wakes_and_standby_reach_the_worker_settings(tmp_path):
 
     default = DaemonConfig().worker_settings(tmp_path / "w.sock", False)
     assert WorkerConfig.from_pb(default).verify_on_wake and not default.standby
-    off = DaemonConfig.load({"verify_wakes": False}, environ={"KSLEEP_STANDBY": "1"}).worker_settings(tmp_path / "w.sock", False, standby=True)
+    config = DaemonConfig.load({"verify_wakes": False}, environ={"KSLEEP_STANDBY": "1"})
+    assert config.standby and not config.verify_wakes
+    off = config.worker_settings(tmp_path / "w.sock", False, standby=True)
     assert not WorkerConfig.from_pb(off).verify_on_wake and off.standby
 
 
