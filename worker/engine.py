@@ -389,6 +389,14 @@ class Engine:
         started = time.perf_counter()
         return Completion.collect(self.generate(prompt, params, started), started)
 
+    def wait_pinned(self) -> None:
+        """Block until the mirror is page-locked (it is pinned in the background after a worker's first copy), so
+        that the next wake copies at full DMA speed. No-op on CPU."""
+        with self._lock:
+            if self._pool is not None and self.device.type == "cuda":
+                self._pool.pin(self.device)  # no-op once started
+                self._pool.wait_pinned()
+
     # -- accounting and shutdown ----------------------------------------------------------------------------
     def memory(self) -> MemoryReport:
         return measure(self.device, arena_bytes=self.layout.total_bytes, weight_bytes=self.layout.weight_bytes,

@@ -50,8 +50,9 @@ async def _serve(settings: forkserver_pb2.WorkerSettings, prepared: PreparedMode
     engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")  # all torch work, see service.py
     try:
         engine = await loop.run_in_executor(engine_thread, lambda: Engine.load(config, prepared, awake=not settings.start_asleep))
-        if settings.standby:  # a spare: its kernels were loaded by the warm-up above; now give the device back
-            await loop.run_in_executor(engine_thread, engine.sleep, 1)
+        if settings.standby:  # a spare: its kernels were loaded by the warm-up above; now give the device back,
+            await loop.run_in_executor(engine_thread, engine.sleep, 1)  # and be ready only once a promotion's
+            await loop.run_in_executor(engine_thread, engine.wait_pinned)  # wake copies at full speed
     except Exception as exc:
         _report_load_error(settings.socket_path, exc)
         raise
