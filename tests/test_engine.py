@@ -226,6 +226,18 @@ def test_a_worker_can_start_asleep_on_an_existing_pool(open_engine, make_config)
         second.close()
 
 
+def test_a_worker_started_asleep_without_a_pool_builds_none_until_its_wake(make_config, prefix, open_engine):
+    engine = Engine.load(make_config(), awake=False)
+    try:
+        assert (engine.state.value, engine.sleep_level, engine.load_report.pool) == ("asleep", 2, "none")
+        assert pool_files(prefix) == [] and engine.memory().resident_bytes == 0
+        assert engine.wake().source == "source" and pool_files(prefix) != []
+        woken = ids(engine)
+    finally:
+        engine.close(remove_pool=True)
+    assert woken == ids(open_engine())
+
+
 def test_without_wake_checksums_only_the_first_wake_of_an_attached_pool_is_checked(open_engine, make_config):
     baseline = ids(open_engine())
     second = Engine.load(make_config(verify_on_wake=False), awake=False)

@@ -93,6 +93,7 @@ def test_no_spare_starts_while_the_model_sleeps_deeper_than_level1(start_daemon)
     while (status := daemon.status()).worker_pid in (0, first) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert status.state == S.STATE_ASLEEP and status.sleep_level == 2 and status.restarts == 1
+    assert status.worker_load_source == "none" and status.pool_bytes == 0  # level 2 holds no pool, restarted too
     time.sleep(1.0)
     status = daemon.status()
     assert status.standby_pid == 0 and status.state == S.STATE_ASLEEP

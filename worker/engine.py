@@ -74,7 +74,8 @@ class Engine:
     @classmethod
     def load(cls, config: WorkerConfig, prepared: PreparedModel | None = None, awake: bool = True) -> Engine:
         """Load a model. `prepared` skips what a forkserver already built; `awake=False` attaches to an existing
-        pool and leaves the device empty (the state of a worker restarted while the daemon sleeps)."""
+        pool and leaves the device empty (the state of a worker restarted while the daemon sleeps); without a pool
+        it builds none and stays asleep at level 2 (its first wake reads the source)."""
         phases = Phases(torch.device("cpu"))
         device = config.resolve_device()
         if device.type == "cuda":
@@ -113,7 +114,8 @@ class Engine:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # loading's scratch (synthetic draws, checksums) must not count as "awake"
         engine.load_report = LoadReport(phases.total, how, engine.pool_name, engine.layout.weight_bytes,
-                                        engine.layout.total_bytes, arena.stable_addresses, engine._pool.pinned,
+                                        engine.layout.total_bytes, arena.stable_addresses,
+                                        engine._pool is not None and engine._pool.pinned,
                                         phases.seconds)
         log.info("loaded %s: %s", config.model, engine.load_report)
         return engine
@@ -126,8 +128,11 @@ class Engine:
             log.warning("%s; rebuilding the pool", exc)
             remove_pool_files(self.config.shm_dir, self.pool_name)
         how = "attached" if self._pool is not None else "created"
-        if not awake and self._pool is not None:  # verified on the first wake
-            if self.device.type == "cuda":
+        if not awake:
+            if self._pool is None:  # nothing to attach to (a level-2 sleep dropped it): asleep as at level 2
+                self._state, self.sleep_level = EngineState.ASLEEP, 2
+                return "none"
+            if self.device.type == "cuda":  # verified on the first wake
                 self._pool.pin(self.device)
             self._state, self.sleep_level = EngineState.ASLEEP, 1
             return how

@@ -33,7 +33,8 @@ class Phases:
 @dataclass(slots=True)
 class LoadReport:
     seconds: float
-    pool: str  # "created" (read from the source), "attached" (found in shared memory) or "rebuilt"
+    pool: str  # "created" (read from the source), "attached" (found in shared memory), "rebuilt", or "none"
+    #            (started asleep without a pool: its first wake reads the source)
     pool_name: str
     weight_bytes: int
     arena_bytes: int
