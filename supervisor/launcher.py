@@ -154,7 +154,7 @@ class WorkerHandle:
     def _gone(self, _) -> None:
         """A worker that died leaves its socket behind (each worker has its own path). (Its channel is not closed
         here: closing a grpc.aio channel from this callback while a call on it was failing hung the loop, seen in
-        tests; an idle channel does not try to reconnect by itself.)"""
+        tests; it stays open, as it did before each worker had its own socket.)"""
         self.socket_path.unlink(missing_ok=True)
 
     def _watch_pidfd(self) -> None:
