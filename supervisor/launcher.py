@@ -152,7 +152,7 @@ class WorkerHandle:
         exited.add_done_callback(self._gone)
 
     def _gone(self, _) -> None:
-        """A worker that died leaves its socket behind (each worker has its own path). (Its channel is not closed
+        """A worker that exited leaves its socket behind (each worker has its own path). (Its channel is not closed
         here: closing a grpc.aio channel from this callback while a call on it was failing hung the loop, seen in
         tests; it stays open, as it did before each worker had its own socket.)"""
         self.socket_path.unlink(missing_ok=True)
@@ -190,8 +190,7 @@ class WorkerHandle:
             ready.cancel()
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # it serves nothing yet; a pool it was building stays a .tmp that pool.py sweeps
-            await handle.channel.close()
-            socket_path.unlink(missing_ok=True)
+            await handle.channel.close()  # its socket goes with its exit (_gone)
             raise
         handle.startup = {"fork": forked - t0, "start": time.perf_counter() - forked}
         if not ready.done():
@@ -218,6 +217,5 @@ class WorkerHandle:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pid, signal.SIGKILL)
                 await self.exited
-        await self.channel.close()
-        self.socket_path.unlink(missing_ok=True)
+        await self.channel.close()  # its socket went with its exit (_gone)
         return self.exited.result()

@@ -107,8 +107,6 @@ class Lifecycle:
                 await self.worker.stop(self.config.grace)
                 self.worker = None
         await self.forkserver.stop(self.config.grace)
-        for stale in self._sockets.glob(f"worker-{os.getpid()}-*.sock"):  # of workers that died
-            stale.unlink(missing_ok=True)
         if self.worker_info is not None and not self.config.keep_pool:
             remove_pool_files(self.config.shm_dir, self.worker_info.pool_name)
             log.info("removed the weight pool %s", self.worker_info.pool_name)

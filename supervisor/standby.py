@@ -53,8 +53,9 @@ class Standby:
 
     def take(self) -> WorkerHandle | None:
         """The ready spare, now the caller's to run and stop; None when there is none."""
-        handle, self._handle = self._handle, None
-        return handle if handle is not None and not handle.exited.done() else None
+        handle = self._handle if self.ready else None
+        self._handle = None
+        return handle
 
     async def stop(self, grace: float) -> None:
         task, self._task = self._task, None
