@@ -9,8 +9,8 @@ Prints and saves:
                   same without the wake's checksums (ksleepd --no-verify-wakes)
   overlap share   on a --long-prompt-token prompt: how much of the awake prefill the overlapped wake hides,
                   (copy-then-run TTFT - overlapped TTFT) / awake prefill
-  decode tok/s    eager (transformers DynamicCache, Python per step) vs graph replay, greedy tokens compared;
-                  with --compile also the torch.compile'd step captured in a graph (and its compile time)
+  decode tok/s    batch 1: every step eager (Python per step) vs replayed from the step's CUDA graph, greedy
+                  tokens compared (and, where they part, the two candidates' logits)
   graph reuse     --reuse-cycles sleep/wake cycles: captures before and after (must not change), outputs equal
   mission         wake + --tokens tokens, end to end, after a level-1 sleep (median)
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ksleep.worker import Engine, SamplingParams, WorkerConfig
-from ksleep.worker.decoder import GraphDecoder, attention_backends
+from ksleep.worker.attention import ATTENTION_NAME
 from worker_core import PROMPT, pinned_peak
 
 GiB = 2**30
@@ -44,32 +44,30 @@ def first_token(engine: Engine, prompt, wake: bool | None = None, pause: float =
 
 
 def decode_rate(engine: Engine, tokens: int, mode: str) -> tuple[float, list[int]]:
-    """Tokens per second after the first token, and the tokens. mode: "graph"; "static-eager" (the same static
-    cache length, steps run eagerly: what a second concurrent stream gets); "eager" (transformers' DynamicCache)."""
-    decoder = engine._decoder
-    if mode == "eager":
-        engine._decoder = None
-    elif mode == "static-eager" and decoder is not None:
-        decoder._busy = True  # as if another stream held the shared cache
+    """Batch-1 decode tok/s and the tokens, with every step eager or replayed from CUDA graphs."""
+    graphs = engine.runner.graphs_enabled
+    engine.runner.graphs_enabled = graphs and mode == "graph"
     try:
-        engine.complete(PROMPT, SamplingParams(max_tokens=tokens))  # warm (captures the graph on first use)
+        engine.complete(PROMPT, SamplingParams(max_tokens=tokens))  # warm (captures the graphs on first use)
         done = engine.complete(PROMPT, SamplingParams(max_tokens=tokens))
     finally:
-        engine._decoder = decoder
-        if decoder is not None and mode == "static-eager":
-            decoder._busy = False
+        engine.runner.graphs_enabled = graphs
     return (len(done.token_ids) - 1) / (done.total - done.ttft), done.token_ids
 
 
 def divergence(engine: Engine, graph: list[int], eager: list[int]) -> dict | None:
     """Where two greedy sequences part, and how close the two tokens were there (one full forward of the prompt
-    and the common prefix, DynamicCache): a tie to bfloat16 resolution flips on any change of kernel."""
+    and the common prefix): a tie to bfloat16 resolution flips on any change of kernel."""
     at = next((i for i, (a, b) in enumerate(zip(graph, eager)) if a != b), None)
     if at is None:
         return None
     ids = engine.encode(PROMPT, 1) + graph[:at]
-    with torch.inference_mode():
-        logits = engine.model(input_ids=torch.tensor([ids], device=engine.device)).logits[0, -1].float()
+    engine.model.config._attn_implementation = "sdpa"  # transformers' own attention, outside the batch cache
+    try:
+        with torch.inference_mode():
+            logits = engine.model(input_ids=torch.tensor([ids], device=engine.device)).logits[0, -1].float()
+    finally:
+        engine.model.config._attn_implementation = ATTENTION_NAME
     top = torch.topk(logits, 2)
     return {"index": at, "tokens": [graph[at], eager[at]], "logits": [logits[graph[at]].item(), logits[eager[at]].item()],
             "top2_gap": (top.values[0] - top.values[1]).item(), "logit_scale": top.values[0].abs().item()}
@@ -87,8 +85,6 @@ def main() -> None:
     ap.add_argument("--long-prompt-tokens", type=int, default=2000)
     ap.add_argument("--pause", type=float, default=1.0, help="seconds asleep before each wake (driver scrub)")
     ap.add_argument("--peak-bytes", type=int, default=4 * GiB)
-    ap.add_argument("--compile", action="store_true", help="also measure the torch.compile'd decode step (~40 s)")
-    ap.add_argument("--compile-tokens", type=int, default=512, help="cache length of the compiled step")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -97,7 +93,7 @@ def main() -> None:
     R["pinned_h2d_peak_GBps"] = pinned_peak(args.peak_bytes) / 1e9 if device.type == "cuda" else None
     for stale in Path("/dev/shm").glob("ksleep-perf-*"):
         stale.unlink()
-    engine = Engine.load(WorkerConfig(model=args.model, device=args.device, pool_prefix="ksleep-perf"))
+    engine = Engine.load(WorkerConfig(model=args.model, device=args.device, pool_prefix="ksleep-perf", kv_cache="8GiB"))
     R["weight_bytes"] = engine.layout.weight_bytes
     R["floor_s"] = engine.layout.weight_bytes / (R["pinned_h2d_peak_GBps"] * 1e9) if R["pinned_h2d_peak_GBps"] else None
 
@@ -111,9 +107,6 @@ def main() -> None:
     engine.config.verify_on_wake = False  # ksleepd --no-verify-wakes: the checksums read the arena during the copy
     R["ttft_sleep_unverified_s"] = [first_token(engine, PROMPT, True, args.pause) for _ in range(args.cycles)]
     engine.config.verify_on_wake = True
-    decoder, engine._decoder = engine._decoder, None  # the same wakes with the request on transformers' DynamicCache
-    R["ttft_sleep_dynamic_cache_s"] = [first_token(engine, PROMPT, True, args.pause) for _ in range(args.cycles)]
-    engine._decoder = decoder
     R["ttft_sleep_median_s"] = statistics.median(R["ttft_sleep_s"])
     if R["floor_s"]:
         R["ratio_ttft_sleep_over_floor"] = R["ttft_sleep_median_s"] / R["floor_s"]
@@ -131,36 +124,15 @@ def main() -> None:
     if R["floor_s"]:
         R["long_prompt"]["hidden_share_vs_floor"] = (R["floor_s"] + prefill - overlapped) / prefill
 
-    # -- decode: eager vs graph
+    # -- decode, batch 1: eager vs graph
     eager_rate, eager_tokens = decode_rate(engine, args.tokens, "eager")
-    static_rate, static_tokens = decode_rate(engine, args.tokens, "static-eager")
     graph_rate, graph_tokens = decode_rate(engine, args.tokens, "graph")
-    R["decode"] = {"eager_tok_s": eager_rate, "static_eager_tok_s": static_rate, "graph_tok_s": graph_rate,
-                   "graph_tokens_equal_eager": graph_tokens == eager_tokens,
-                   "graph_tokens_equal_static_eager": graph_tokens == static_tokens,
-                   "graph_path": engine.decoder is not None and device.type == "cuda"}
-    longer = engine.complete(PROMPT, SamplingParams(max_tokens=min(300, engine.context_tokens - 64),
-                                                    ignore_eos=True)).token_ids  # a 512-position cache
-    R["decode"]["tokens_equal_across_cache_lengths"] = longer[: len(graph_tokens)] == graph_tokens
-    R["decode"]["graph_vs_dynamic_cache_divergence"] = divergence(engine, graph_tokens, eager_tokens)
-    if args.compile and engine.decoder is not None:
-        plain = engine._decoder
-        engine._decoder = GraphDecoder(engine.model, engine.skeleton.config, engine.config.torch_dtype, device,
-                                       min(args.compile_tokens, engine.config.graph_tokens), compile=True)
-        t = time.perf_counter()
-        with torch.inference_mode(), attention_backends(device):
-            engine._decoder.prepare(engine.arena.scratch())
-        R["decode"]["compile_s"] = time.perf_counter() - t
-        rate, tokens = decode_rate(engine, args.tokens, "graph")
-        R["decode"]["compiled_graph_tok_s"] = rate
-        R["decode"]["compiled_tokens_equal_graph"] = tokens == graph_tokens
-        R["decode"]["compiled_tokens_equal_its_eager_steps"] = decode_rate(engine, args.tokens, "static-eager")[1] == tokens
-        R["decode"]["compile_tokens"] = engine._decoder.max_tokens
-        engine._decoder = plain
+    R["decode"] = {"eager_tok_s": eager_rate, "graph_tok_s": graph_rate, "graph_tokens_equal_eager": graph_tokens == eager_tokens,
+                   "graph_path": engine.runner.graphs_enabled, "graph_vs_eager_divergence": divergence(engine, graph_tokens, eager_tokens)}
 
     # -- the graph across sleep/wake, and the mission request end to end
     baseline = engine.complete(PROMPT, SamplingParams(max_tokens=args.tokens)).token_ids
-    captures = engine.decoder.captures if engine.decoder else None
+    captures = engine.runner.captures
     missions, identical = [], True
     for _ in range(args.reuse_cycles):
         engine.sleep(1)
@@ -171,8 +143,8 @@ def main() -> None:
         missions.append(time.perf_counter() - t)
         identical = identical and done.token_ids == baseline
     R["graph_reuse"] = {"cycles": args.reuse_cycles, "captures_before": captures,
-                        "captures_after": engine.decoder.captures if engine.decoder else None,
-                        "replays": engine.decoder.replays if engine.decoder else None, "outputs_identical": identical}
+                        "captures_after": engine.runner.captures, "replays": engine.runner.replays,
+                        "outputs_identical": identical}
     R["mission_s"] = missions
     R["mission_median_s"] = statistics.median(missions)
     engine.sleep(1)
@@ -192,23 +164,13 @@ def main() -> None:
             ("TTFT_sleep / floor (target <= 1.03)", f"{R.get('ratio_ttft_sleep_over_floor', float('nan')):.3f}"),
             ("the same without wake checksums (--no-verify-wakes)",
              f"{statistics.median(R['ttft_sleep_unverified_s']):.4f} s = {R.get('ratio_unverified_over_floor', float('nan')):.3f}"),
-            ("TTFT_sleep overlapped, DynamicCache request (median)",
-             f"{statistics.median(R['ttft_sleep_dynamic_cache_s']):.4f} s"),
             ("TTFT_sleep copy-then-run (median)", f"{statistics.median(R['ttft_sleep_copy_then_run_s']):.4f} s"),
             (f"long prompt ({lp['tokens']} tok): awake / serial / overlapped",
              f"{lp['ttft_awake_s']:.4f} / {lp['ttft_copy_then_run_s']:.4f} / {lp['ttft_overlapped_s']:.4f} s"),
             ("prefill hidden by the overlap (goal >= 80 %)", f"{100 * lp['hidden_share']:.0f} %"),
-            ("decode eager / graph", f"{eager_rate:.1f} / {graph_rate:.1f} tok/s"),
-            *([("decode compiled graph (compile time)",
-                f"{R['decode']['compiled_graph_tok_s']:.1f} tok/s ({R['decode']['compile_s']:.0f} s); "
-                f"tokens == plain graph: {R['decode']['compiled_tokens_equal_graph']}, == its own "
-                f"un-graphed steps: {R['decode']['compiled_tokens_equal_its_eager_steps']}")]
-              if "compiled_graph_tok_s" in R["decode"] else []),
-            ("decode static-eager (second stream's path)", f"{static_rate:.1f} tok/s"),
-            ("tokens equal at cache length 256 and 512", R["decode"]["tokens_equal_across_cache_lengths"]),
-            ("graph tokens == eager (DynamicCache) / static-eager", f"{R['decode']['graph_tokens_equal_eager']} / "
-                                                                  f"{R['decode']['graph_tokens_equal_static_eager']}"),
-            ("graph vs DynamicCache: first difference", R["decode"]["graph_vs_dynamic_cache_divergence"]),
+            ("decode, batch 1: eager / graph", f"{eager_rate:.1f} / {graph_rate:.1f} tok/s"),
+            ("graph tokens == eager", R["decode"]["graph_tokens_equal_eager"]),
+            ("graph vs eager: first difference", R["decode"]["graph_vs_eager_divergence"]),
             (f"graph captures before / after {args.reuse_cycles} cycles",
              f"{R['graph_reuse']['captures_before']} / {R['graph_reuse']['captures_after']}"),
             ("outputs identical across cycles", identical),

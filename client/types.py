@@ -77,6 +77,7 @@ class Status:
     version: str
     standby_pid: int = 0  # the spare worker (ksleepd --standby); 0 when none is ready
     history: list[dict] = field(default_factory=list)
+    batch: dict | None = None  # the worker's batch and KV cache (running, waiting, kv_cache_bytes...; see BatchStats)
 
     @classmethod
     def from_pb(cls, pb: ksleep_pb2.StatusResponse) -> Status:
@@ -93,6 +94,7 @@ class Status:
             *(transition_dict(getattr(pb, n)) if pb.HasField(n) else None for n in ("last_sleep", "last_wake", "last_restart")),
             optional("last_ttft_seconds"), pb.sleeps_total, pb.wakes_total, pb.memory_source, pb.worker_load_source,
             pb.uptime_seconds, pb.configured_sleep_level, pb.version, pb.standby_pid, history,
+            {f.name: getattr(pb.batch, f.name) for f in pb.batch.DESCRIPTOR.fields} if pb.HasField("batch") else None,
         )
 
     def to_dict(self) -> dict:

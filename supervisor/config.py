@@ -13,6 +13,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from ksleep.v1 import forkserver_pb2
+from ksleep.worker.limits import INT_RANGES, check_int, parse_kv_cache
 
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -49,8 +50,11 @@ class DaemonConfig:
     shm_dir: str = field(default="/dev/shm", metadata={"help": "where the weight pool lives"})
     pool_prefix: str = field(default="ksleep", metadata={"help": "file-name prefix of the pool"})
     vmm: str = field(default="auto", metadata={"help": "CUDA virtual memory for stable addresses: auto, on or off"})
-    decode_graphs: str = field(default="auto", metadata={"help": "decode through CUDA graphs over a static KV cache: auto (on a GPU), on, off, or compile (also torch.compile the step: faster decode, ~40 s longer worker starts)"})
-    graph_tokens: int = field(default=2048, metadata={"help": "static KV cache length: requests with more prompt + new tokens decode eagerly"})
+    cuda_graphs: str = field(default="auto", metadata={"help": "replay steps from CUDA graphs: auto (where they apply: a GPU with torch's varlen flash kernel), on (required), off"})
+    kv_cache: str = field(default="auto", metadata={"help": "size of the batch KV cache: auto (half the device memory free once the weights are placed; 256MiB on CPU), a fraction of that (0.3) or bytes (8GiB)"})
+    max_batch: int = field(default=128, metadata={"help": "requests decoded together in one batch; more wait in the queue"})
+    max_queue: int = field(default=1024, metadata={"help": "requests that may wait for the batch; beyond, requests are refused with RESOURCE_EXHAUSTED"})
+    prefill_chunk: int = field(default=512, metadata={"help": "tokens a step feeds while requests decode (theirs included): a long prompt delays them by one such step at a time"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the checkpoint (off: no code is loaded)"})
     grace: float = field(default=5.0, metadata={"help": "seconds a worker gets to stop after SIGTERM before SIGKILL"})
     sample_interval: float = field(default=1.0, metadata={"help": "seconds between memory samples"})
@@ -74,10 +78,11 @@ class DaemonConfig:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if self.vmm not in ("auto", "on", "off"):
             raise ValueError("vmm must be auto, on or off")
-        if self.decode_graphs not in ("auto", "on", "off", "compile"):
-            raise ValueError("decode_graphs must be auto, on, off or compile")
-        if not 16 <= self.graph_tokens <= 1 << 20:
-            raise ValueError("graph_tokens must be in [16, 2^20]")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ValueError("cuda_graphs must be auto, on or off")
+        parse_kv_cache(self.kv_cache)
+        for name in INT_RANGES:
+            check_int(name, getattr(self, name))
         if self.grace <= 0 or self.sample_interval <= 0 or self.history < 1:
             raise ValueError("grace and sample_interval must be > 0 and history >= 1")
         if self.http:
@@ -126,7 +131,8 @@ class DaemonConfig:
             cache_dir=self.cache_dir, model_dir=self.model_dir, shm_dir=self.shm_dir, pool_prefix=self.pool_prefix,
             vmm=self.vmm, trust_remote_code=self.trust_remote_code, socket_path=str(socket_path),
             supervisor_pid=os.getpid(), start_asleep=start_asleep, log_level=self.log_level,
-            decode_graphs=self.decode_graphs, graph_tokens=self.graph_tokens, standby=standby,
+            cuda_graphs=self.cuda_graphs, kv_cache=self.kv_cache, max_batch=self.max_batch,
+            max_queue=self.max_queue, prefill_chunk=self.prefill_chunk, standby=standby,
             skip_wake_checksums=not self.verify_wakes)
 
 

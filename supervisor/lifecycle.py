@@ -29,6 +29,7 @@ from .monitor import DeviceMemory, MemoryHistory, select_backend
 from .standby import Standby
 
 log = logging.getLogger("ksleep.lifecycle")
+STATUS_DEADLINE = 5.0  # seconds a worker's Status may take (it reads device memory)
 S = common_pb2  # state names: S.STATE_AWAKE ...
 
 
@@ -68,6 +69,7 @@ class Lifecycle:
         self.last_ttft: float | None = None
         self.last_restart: common_pb2.Transition | None = None
         self.history = MemoryHistory(config.history)
+        self.batch: common_pb2.BatchStats | None = None  # the worker's batch and KV cache, as last sampled
         self.memory_backend = None
         self.started_unix = time.time()
         self._lock = asyncio.Lock()
@@ -302,7 +304,9 @@ class Lifecycle:
                 else:
                     worker = self.worker
                     try:
-                        wake = (await worker.stub.Wake(worker_pb2.WorkerWakeRequest(overlap=overlap))).wake
+                        # the requests waiting now are told to the worker, which holds its first step for them
+                        request = worker_pb2.WorkerWakeRequest(overlap=overlap, waiting_requests=self._waiting)
+                        wake = (await worker.stub.Wake(request)).wake
                     except grpc.aio.AioRpcError as exc:
                         if exc.code() == grpc.StatusCode.UNAVAILABLE and await self.worker_died(worker):
                             raise WorkerGoneError("the worker died while waking; it is being restarted") from exc
@@ -407,17 +411,31 @@ class Lifecycle:
         asyncio.create_task(self.sample(self.state))
 
     async def sample(self, state: int | None = None):
-        """One memory sample, attributed to `state` (the state now, unless a transition just ended)."""
+        """One memory sample, attributed to `state` (the state now, unless a transition just ended); the worker's
+        batch figures are read at the same time."""
         state = self.state if state is None else state
         memory = None
+        info = await self._worker_status()
         if self.memory_backend is not None:
             memory = await asyncio.to_thread(self.memory_backend.read, self.worker.pid if self.worker else None)
-        elif self.worker is not None:
-            with contextlib.suppress(Exception):
-                info = await self.worker.stub.Status(worker_pb2.WorkerStatusRequest(), timeout=5)
-                memory = DeviceMemory(info.memory.device_used_bytes, info.memory.device_total_bytes,
-                                      info.memory.process_device_bytes if info.memory.HasField("process_device_bytes") else None)
+        elif info is not None:
+            memory = DeviceMemory(info.memory.device_used_bytes, info.memory.device_total_bytes,
+                                  info.memory.process_device_bytes if info.memory.HasField("process_device_bytes") else None)
         return self.history.add(state, memory, self.pool_bytes())
+
+    async def _worker_status(self) -> worker_pb2.WorkerStatusResponse | None:
+        """The serving worker's own Status (None without a worker, or when it does not answer in time); keeps
+        `batch`, its batch and KV cache figures, up to date."""
+        worker = self.worker
+        if worker is None:
+            self.batch = None
+            return None
+        try:
+            info = await worker.stub.Status(worker_pb2.WorkerStatusRequest(), timeout=STATUS_DEADLINE)
+        except grpc.aio.AioRpcError:
+            return None
+        self.batch = info.batch if info.HasField("batch") else None
+        return info
 
     def pool_bytes(self) -> int:
         if self.worker_info is None:

@@ -60,6 +60,16 @@ class _LifecycleCollector:
         }
         if latest is not None and latest.worker_device is not None:
             gauges["ksleep_worker_device_bytes"] = ("The worker process's device memory", latest.worker_device)
+        batch = lc.batch if lc.worker is not None else None
+        if batch is not None:
+            gauges.update({
+                "ksleep_requests_running": ("Requests in the worker's batch", batch.running),
+                "ksleep_requests_waiting": ("Requests queued for the batch or for KV cache room", batch.waiting),
+                "ksleep_kv_cache_bytes": ("Device bytes of the batch KV cache (while awake)", batch.kv_cache_bytes),
+                "ksleep_kv_cache_tokens": ("Positions the KV cache holds", batch.kv_cache_tokens),
+                "ksleep_kv_cache_usage": ("Share of the KV cache reserved by running requests",
+                                          batch.kv_used_tokens / batch.kv_cache_tokens if batch.kv_cache_tokens else 0.0),
+            })
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
         for name, doc, value in (("ksleep_sleeps", "Sleeps", lc.sleeps_total), ("ksleep_wakes", "Wakes", lc.wakes_total),

@@ -19,6 +19,7 @@ class _Sampling(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
+    ignore_eos: bool | None = None  # vLLM's extension: keep going past the end-of-sequence token
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, bool] | None = None
@@ -37,7 +38,7 @@ class _Sampling(BaseModel):
         return stops
 
     def sampling_pb(self) -> common_pb2.SamplingParams:
-        fields = {k: getattr(self, k) for k in ("max_tokens", "temperature", "top_p", "top_k", "seed")
+        fields = {k: getattr(self, k) for k in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos")
                   if getattr(self, k) is not None}
         return common_pb2.SamplingParams(stop=self.stop or [], **fields)
 

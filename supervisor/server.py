@@ -129,6 +129,8 @@ def status_message(lc: Lifecycle, include_history: bool = False) -> ksleep_pb2.S
             getattr(out, name).CopyFrom(getattr(lc, name))
     if lc.last_ttft is not None:
         out.last_ttft_seconds = lc.last_ttft
+    if lc.batch is not None and lc.worker is not None:
+        out.batch.CopyFrom(lc.batch)
     if include_history:
         out.history.extend(ksleep_pb2.MemorySample(
             at_unix=s.at_unix, state=s.state, device_used_bytes=s.device_used, pool_bytes=s.pool_bytes,

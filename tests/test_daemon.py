@@ -67,6 +67,7 @@ def test_eight_requests_while_asleep_share_one_wake(start_daemon):
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    steps = daemon.status().batch.steps
     for t in threads:
         t.start()
     for t in threads:
@@ -74,6 +75,7 @@ def test_eight_requests_while_asleep_share_one_wake(start_daemon):
     assert not errors and results == [baseline] * 8
     status = daemon.status()
     assert status.wakes_total == 1 and status.state == S.STATE_AWAKE
+    assert status.batch.steps - steps < 2 * 12  # batched: one prefill for (nearly) all, then 11 decode steps
 
 
 def test_worker_killed_mid_stream_gives_unavailable_then_a_restarted_worker_serves(start_daemon):
@@ -111,20 +113,47 @@ def test_level3_sleep_stops_the_worker_and_wake_spawns_one(start_daemon):
 
 def test_sleep_waits_for_streams_or_aborts_them(start_daemon):
     daemon = start_daemon("synthetic:tiny", "--idle-timeout", "0")
-    stream = daemon.stub.Generate(request(max_tokens=150, ignore_eos=True), timeout=60)
-    next(stream)
+    streams = [daemon.stub.Generate(request(p, max_tokens=150, ignore_eos=True), timeout=60) for p in ("a", "b", "c")]
+    for stream in streams:
+        next(stream)  # all three decode in one batch
     reply = daemon.stub.Sleep(ksleep_pb2.SleepRequest(level=1, mode=ksleep_pb2.SLEEP_MODE_ABORT), timeout=60)
-    assert reply.aborted_requests == 1
-    with pytest.raises(grpc.RpcError) as err:
-        list(stream)
-    assert err.value.code() == grpc.StatusCode.ABORTED
+    assert reply.aborted_requests == 3
+    for stream in streams:
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream)
+        assert err.value.code() == grpc.StatusCode.ABORTED
     daemon.stub.WakeUp(ksleep_pb2.WakeUpRequest())
-    stream = daemon.stub.Generate(request(max_tokens=60, ignore_eos=True), timeout=60)
-    next(stream)
+    streams = [daemon.stub.Generate(request(p, max_tokens=60, ignore_eos=True), timeout=60) for p in ("a", "b", "c")]
+    for stream in streams:
+        next(stream)
     waited = daemon.stub.Sleep.future(ksleep_pb2.SleepRequest(level=1), timeout=60)
-    rest = list(stream)  # WAIT mode: the stream finishes normally
-    assert len(rest) == 59 and rest[-1].token.finish_reason == S.FINISH_REASON_LENGTH
+    for stream in streams:  # WAIT mode: every stream of the batch finishes normally, then the model sleeps
+        rest = list(stream)
+        assert len(rest) == 59 and rest[-1].token.finish_reason == S.FINISH_REASON_LENGTH
     assert waited.result().sleep.level == 1
+    assert daemon.status().batch.running == 0
+
+
+def test_the_batch_and_its_cache_are_in_status_and_bounds_give_clear_errors(start_daemon):
+    daemon = start_daemon("synthetic:tiny", "--idle-timeout", "0", "--kv-cache", "40KiB", "--max-batch", "1",
+                          "--max-queue", "1", "--sample-interval", "0.2")
+    batch = daemon.status().batch
+    assert (batch.kv_cache_tokens, batch.max_batch, batch.max_queue, batch.attention) == (80, 1, 1, "gather")
+    assert batch.kv_cache_bytes == 80 * 512 and batch.running == batch.waiting == 0
+    with pytest.raises(grpc.RpcError) as err:  # more positions than the whole cache: refused at once
+        daemon.generate(request(max_tokens=100))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 64" in err.value.details()
+    running = daemon.stub.Generate(request(max_tokens=20, ignore_eos=True), timeout=60)
+    next(running)
+    queued = daemon.stub.Generate(request(max_tokens=20, ignore_eos=True), timeout=60)
+    deadline = time.monotonic() + 10
+    while daemon.status().batch.waiting < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(grpc.RpcError) as err:  # the queue (of one) is full
+        daemon.generate(request(max_tokens=20))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "already waiting" in err.value.details()
+    assert len(list(running)) == 19 and len(list(queued)) == 20  # both served, in turn
+    assert len(daemon.ids()) == 12
 
 
 def test_bad_input_gets_invalid_argument_and_the_daemon_keeps_serving(start_daemon):

@@ -6,6 +6,7 @@ import pytest
 
 from ksleep.worker import AsleepError, BusyError, Engine, PoolCapacityError, SamplingParams
 from ksleep.worker import pool as pool_module
+from ksleep.worker.attention import ATTENTION_NAME
 from ksleep.worker.errors import PoolOwnershipError
 
 from .conftest import PROMPT, SHM, pool_files, run_in_new_process
@@ -23,7 +24,7 @@ def test_level1_cycles_release_memory_and_give_identical_tokens(open_engine):
     assert len(set(baseline)) > 3, "the tiny model should not repeat one token"
     for _ in range(3):
         result = engine.sleep(1)
-        assert result.bytes_freed == engine.layout.total_bytes
+        assert result.bytes_freed == engine.layout.total_bytes + engine.arena.scratch_bytes_planned  # and the KV cache
         assert engine.memory().resident_bytes == 0 and engine.memory().mirror_bytes == engine.layout.total_bytes
         with pytest.raises(AsleepError):
             engine.generate(PROMPT)
@@ -48,7 +49,7 @@ def test_keep_layers_stay_resident(open_engine):
     kept = sum(s.nbytes for s in engine.layout.resident_segments(2))
     result = engine.sleep(1)
     assert engine.memory().resident_bytes == kept > 0
-    assert result.bytes_freed == engine.layout.total_bytes - kept
+    assert result.bytes_freed == engine.layout.total_bytes - kept + engine.arena.scratch_bytes_planned
     assert engine.wake().bytes_restored == engine.layout.total_bytes - kept
     assert ids(engine) == baseline
     engine.sleep(2)
@@ -120,7 +121,7 @@ def test_corruption_under_a_sleeping_engine_is_detected_and_rebuilt(open_engine)
     engine = open_engine()
     baseline = ids(engine)
     engine.sleep(1)
-    corrupt(engine._pool.path)
+    corrupt(engine.weights.pool.path)
     woke = engine.wake()
     assert woke.source == "source"  # the mirror failed its checksum and was never used
     assert ids(engine) == baseline
@@ -129,7 +130,7 @@ def test_corruption_under_a_sleeping_engine_is_detected_and_rebuilt(open_engine)
 def test_corrupted_pool_is_rebuilt_on_attach(open_engine, make_config, prefix):
     first = open_engine()
     baseline = ids(first)
-    corrupt(first._pool.path, offset=first.layout.slots[3].offset)
+    corrupt(first.weights.pool.path, offset=first.layout.slots[3].offset)
     second = open_engine()
     assert second.load_report.pool == "rebuilt"
     assert ids(second) == baseline
@@ -139,7 +140,7 @@ def test_truncated_pool_is_detected(open_engine):
     engine = open_engine()
     baseline = ids(engine)
     engine.sleep(1)
-    os.truncate(engine._pool.path, 4096)
+    os.truncate(engine.weights.pool.path, 4096)
     assert engine.wake().source == "source"
     assert ids(engine) == baseline
 
@@ -174,8 +175,12 @@ def test_prompt_checks(open_engine):
 def test_greedy_loop_matches_transformers_generate(open_engine):
     engine = open_engine()
     prompt = engine.tokenizer(PROMPT, return_tensors="pt").input_ids
-    reference = engine.model.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False,
-                                      eos_token_id=None, pad_token_id=0)
+    engine.model.config._attn_implementation = "sdpa"  # transformers' own attention and DynamicCache
+    try:
+        reference = engine.model.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                                          eos_token_id=None, pad_token_id=0)
+    finally:
+        engine.model.config._attn_implementation = ATTENTION_NAME
     assert ids(engine, SamplingParams(max_tokens=24, ignore_eos=True)) == reference[0, prompt.shape[1]:].tolist()
 
 

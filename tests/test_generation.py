@@ -1,32 +1,27 @@
-"""The token loop on a scripted model: exact control over which ids come out."""
+"""Turning sampled ids into text and picking them: exact control over which ids come out."""
 import time
 
 import pytest
 import torch
 
 from ksleep.worker import SamplingParams
-from ksleep.worker.generation import stream_tokens
+from ksleep.worker.generation import TokenWriter
+from ksleep.worker.sampler import Sampler
+from ksleep.worker.sequence import RequestStream, Sequence
 from ksleep.worker.synthetic import build_tokenizer
 
 TOKENIZER = build_tokenizer("tiny")  # ids 0-255 are bytes, 511 is <eos>
 EOS = frozenset({511})
 
 
-def scripted(ids):
-    """A forward() that makes greedy decoding emit `ids` in order."""
-    queue = list(ids)
-
-    def forward(input_ids, prefill):
-        logits = torch.zeros(1, 512)
-        logits[0, queue.pop(0)] = 1.0
-        return logits
-
-    return forward
-
-
 def run(ids, **params):
-    events = list(stream_tokens(scripted(ids), TOKENIZER, [510, 65], SamplingParams(**params), EOS,
-                                torch.device("cpu"), time.perf_counter()))
+    """The events a request gets when its sampled ids are `ids` (it stops where its writer says it ends)."""
+    writer = TokenWriter(TOKENIZER, SamplingParams(**params), EOS, time.perf_counter())
+    events = []
+    for token in ids:
+        events.append(writer.push(token))
+        if events[-1].finish_reason:
+            break
     return events, "".join(e.text for e in events)
 
 
@@ -60,20 +55,42 @@ def test_text_held_for_a_possible_stop_is_flushed_at_the_end():
     assert text == "xyEN"
 
 
+def test_eos_and_max_tokens_are_known_from_the_id_alone():
+    writer = TokenWriter(TOKENIZER, SamplingParams(max_tokens=3), EOS, 0.0)
+    assert writer.ends(72, 1) is None and writer.ends(511, 1) == "eos" and writer.ends(72, 3) == "length"
+    assert TokenWriter(TOKENIZER, SamplingParams(max_tokens=3, ignore_eos=True), EOS, 0.0).ends(511, 2) is None
+
+
 def test_elapsed_times_are_increasing():
     events, _ = run([65, 66, 67], max_tokens=3)
     assert all(a.elapsed <= b.elapsed for a, b in zip(events, events[1:]))
 
 
-def test_seeded_sampling_is_reproducible():
-    def uniform(input_ids, prefill):
-        return torch.zeros(1, 512)
+def sequence(**params):
+    return Sequence([65], SamplingParams(**params), None, RequestStream(), torch.device("cpu"))
 
-    def draw(seed):
-        return [e.token_id for e in stream_tokens(uniform, TOKENIZER, [65], SamplingParams(
-            max_tokens=8, temperature=1.0, top_k=50, seed=seed, ignore_eos=True), EOS, torch.device("cpu"), 0.0)]
 
-    assert draw(7) == draw(7) and draw(7) != draw(8)
+def test_seeded_sampling_is_reproducible_and_each_row_draws_alone():
+    sampler = Sampler(torch.device("cpu"))
+    logits = torch.zeros(3, 512)
+
+    def draw(*seeds, steps=8):
+        seqs = [sequence(max_tokens=8, temperature=1.0, top_k=50, seed=s) for s in seeds]
+        return [sampler.sample(logits[: len(seqs)], list(range(len(seqs))), seqs) for _ in range(steps)]
+
+    alone = draw(7)
+    assert alone == draw(7) and alone != draw(8)
+    assert [row[1] for row in draw(8, 7)] == [row[0] for row in alone]  # the same draws in another row
+
+
+def test_greedy_rows_take_the_argmax_and_a_failing_row_fails_alone():
+    sampler = Sampler(torch.device("cpu"))
+    logits = torch.zeros(3, 512)
+    logits[0, 5] = logits[2, 9] = 1.0
+    broken = sequence(max_tokens=4, temperature=1.0, seed=1)
+    logits[1, 0] = float("nan")
+    out = sampler.sample(logits, [0, 1, 2], [sequence(max_tokens=4), broken, sequence(max_tokens=4)])
+    assert out[0] == 5 and out[2] == 9 and isinstance(out[1], RuntimeError)
 
 
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(max_tokens=-3), dict(max_tokens=True),

@@ -17,7 +17,8 @@ def gpu_engine(prefix):
     engines = []
 
     def load(**kw):
-        engine = Engine.load(WorkerConfig(model="synthetic:tiny", device="cuda", pool_prefix=prefix, **kw))
+        engine = Engine.load(WorkerConfig(model="synthetic:tiny", device="cuda", pool_prefix=prefix,
+                                          **{"kv_cache": "1GiB", **kw}))
         engines.append(engine)
         return engine
 
@@ -38,7 +39,7 @@ def test_sleep_frees_device_memory_and_wake_restores_identical_output(gpu_engine
     baseline = engine.complete(PROMPT, GREEDY).token_ids
     awake = used()
     engine.sleep(1)
-    assert awake - used() >= engine.layout.total_bytes * 0.9
+    assert awake - used() >= (engine.layout.total_bytes + engine.kv_cache.nbytes) * 0.9  # weights and KV cache
     assert engine.memory().resident_bytes == 0
     for _ in range(3):
         engine.wake()
@@ -54,6 +55,7 @@ def test_vmm_keeps_addresses_so_a_captured_cuda_graph_survives_sleep(gpu_engine)
     address = engine.arena.address
     weight_ptr = engine.model.lm_head.weight.data_ptr()
     model = engine.model
+    model.config._attn_implementation = "sdpa"  # a plain forward, outside the engine's batch cache
     x = torch.tensor([engine.tokenizer(PROMPT).input_ids], device="cuda")
     with torch.inference_mode():
         expected = model(x).logits.clone()
@@ -89,7 +91,7 @@ def test_corruption_is_caught_by_the_device_checksum(gpu_engine):
     engine = gpu_engine()
     baseline = engine.complete(PROMPT, GREEDY).token_ids
     engine.sleep(1)
-    with open(engine._pool.path, "r+b") as f:
+    with open(engine.weights.pool.path, "r+b") as f:
         f.seek(100)
         f.write(b"\xff\xfe")
     assert engine.wake().source == "source"
@@ -105,11 +107,11 @@ def test_an_attaching_worker_copies_through_staging_then_pins_in_the_background(
     first = gpu_engine()
     baseline = first.complete(PROMPT, GREEDY).token_ids
     second = gpu_engine()  # same pool: attached, not yet pinned in this engine's mapping
-    assert second.load_report.pool == "attached" and second._staging is not None
+    assert second.load_report.pool == "attached" and second.weights.staging is not None
     assert second.complete(PROMPT, GREEDY).token_ids == baseline
-    second._pool.wait_pinned()
+    second.weights.pool.wait_pinned()
     second.sleep(1)
-    assert second.wake().source == "mirror" and second._staging is None  # pinned now: straight DMA
+    assert second.wake().source == "mirror" and second.weights.staging is None  # pinned now: straight DMA
     assert second.complete(PROMPT, GREEDY).token_ids == baseline
 
 
@@ -134,49 +136,69 @@ def test_overlapped_wake_catches_a_corrupt_mirror_and_reruns_the_prompt(gpu_engi
     engine = gpu_engine()
     baseline = engine.complete(PROMPT, GREEDY).token_ids
     engine.sleep(1)
-    engine._pool.tensor[engine.layout.slots[5].offset] ^= 0xFF  # the mirror is shared memory: flip one byte
+    engine.weights.pool.tensor[engine.layout.slots[5].offset] ^= 0xFF  # the mirror is shared memory: flip one byte
     engine.wake(overlap=True)
     assert engine.complete(PROMPT, GREEDY).token_ids == baseline
 
 
-def test_graph_decode_matches_eager_steps_and_is_captured_once_across_sleeps(gpu_engine):
-    engine = gpu_engine(graph_tokens=256)
-    decoder = engine.decoder
-    assert decoder is not None and engine.arena.scratch() is not None
+PROMPTS = [PROMPT, "Hello", "Sleep mode frees the GPU between requests", "a", "1 2 3 4 5"]
+
+
+def together(engine, prompts, params=GREEDY):
+    streams = [engine.generate(p, params) for p in prompts]
+    return [[e.token_id for e in s] for s in streams]
+
+
+def test_steps_replay_cuda_graphs_captured_once_across_sleeps_and_match_eager_steps(gpu_engine):
+    engine = gpu_engine()
+    assert engine.attention == "flash" and engine.runner.graphs_enabled
     baseline = engine.complete(PROMPT, GREEDY).token_ids
-    assert decoder.captures == 1 and decoder.replays == len(baseline) - 1
-    first, second = engine.generate(PROMPT, GREEDY), engine.generate(PROMPT, GREEDY)
-    pairs = list(zip(first, second))  # the second stream decodes eagerly over a private cache of the same length
-    second.close()
-    assert [a.token_id for a, _ in pairs] == [b.token_id for _, b in pairs] == baseline
+    batch = together(engine, PROMPTS)
+    captures = engine.runner.captures
+    assert captures >= 2 and engine.runner.replays >= len(baseline)  # a prefill shape and decode shapes
     for _ in range(10):
         engine.sleep(1)
-        assert engine.arena.scratch() is None
+        assert engine.arena.scratch() is None and not engine.kv_cache.bound
         engine.wake(overlap=True)
         assert engine.complete(PROMPT, GREEDY).token_ids == baseline
-    assert decoder.captures == 1  # stable addresses: the graph of the first request is still valid
+        assert together(engine, PROMPTS) == batch
+    assert engine.runner.captures == captures  # stable addresses: every graph is still valid
+    engine.runner.graphs_enabled = False
+    assert engine.complete(PROMPT, GREEDY).token_ids == baseline and together(engine, PROMPTS) == batch
 
 
-def test_without_stable_addresses_the_graph_is_captured_again_after_a_wake(gpu_engine):
-    engine = gpu_engine(vmm="off", graph_tokens=256)
+def test_without_stable_addresses_the_graphs_are_captured_again_after_a_wake(gpu_engine):
+    engine = gpu_engine(vmm="off")
     baseline = engine.complete(PROMPT, GREEDY).token_ids
+    captures = engine.runner.captures
     engine.sleep(1)
     engine.wake(overlap=True)
     assert engine.complete(PROMPT, GREEDY).token_ids == baseline
-    assert engine.decoder.captures == 2
+    assert engine.runner.captures == 2 * captures
 
 
-def test_compiled_decode_step_is_captured_at_load_and_a_concurrent_stream_agrees(gpu_engine):
-    engine = gpu_engine(graph_tokens=256, decode_graphs="compile")
-    assert engine.decoder.compiled and engine.decoder.captures == 1  # compiled and captured at load
-    plain = engine.complete(PROMPT, GREEDY).token_ids
-    first, second = engine.generate(PROMPT, GREEDY), engine.generate(PROMPT, GREEDY)
-    pairs = list(zip(first, second))  # the second: a private cache through the same compiled step, no graph
-    second.close()
-    assert [a.token_id for a, _ in pairs] == [b.token_id for _, b in pairs] == plain
-    engine.sleep(1)
-    engine.wake(overlap=True)
-    assert engine.complete(PROMPT, GREEDY).token_ids == plain and engine.decoder.captures == 1
+def test_flash_attention_agrees_with_the_gather_fallback_and_batches_equal_solo_runs(gpu_engine, monkeypatch):
+    from ksleep.worker import attention
+
+    flash = gpu_engine()
+    alone = [flash.complete(p, GREEDY).token_ids for p in PROMPTS]
+    assert together(flash, PROMPTS) == alone
+    flash.close()
+    monkeypatch.setattr(attention, "flash_unavailable_reason", lambda *a: "forced for the test")
+    gather = gpu_engine(cuda_graphs="auto")
+    assert gather.attention == "gather" and not gather.runner.graphs_enabled
+    assert together(gather, PROMPTS) == alone
+
+
+def test_a_long_prompt_is_chunked_beside_decodes_on_the_gpu(gpu_engine):
+    engine = gpu_engine(prefill_chunk=32)
+    long_prompt = list(range(1, 201))
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    want = [engine.complete(PROMPT, params).token_ids, engine.complete(long_prompt, GREEDY).token_ids]
+    decoding = engine.generate(PROMPT, params)
+    first = next(decoding).token_id
+    assert engine.complete(long_prompt, GREEDY).token_ids == want[1]
+    assert [first] + [e.token_id for e in decoding] == want[0]
 
 
 def test_daemon_on_gpu_promotes_its_standby_and_level3_leaves_no_process_of_ours(tmp_path, prefix):
@@ -191,7 +213,8 @@ def test_daemon_on_gpu_promotes_its_standby_and_level3_leaves_no_process_of_ours
     from .daemon import Daemon
     from .test_standby import gone, wait_for_standby
 
-    daemon = Daemon(tmp_path, prefix, "synthetic:tiny", "--device", "cuda", "--standby", "--idle-timeout", "0")
+    daemon = Daemon(tmp_path, prefix, "synthetic:tiny", "--device", "cuda", "--standby", "--idle-timeout", "0",
+                    "--kv-cache", "1GiB")
     try:
         daemon.wait_ready()
         baseline = daemon.ids()

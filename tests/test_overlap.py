@@ -78,14 +78,14 @@ def test_a_corrupt_mirror_found_behind_the_first_forward_is_rebuilt_and_the_prom
     engine = open_engine()
     baseline = engine.complete(PROMPT, GREEDY).token_ids
     offset = engine.layout.slots[3].offset
-    with open(engine._pool.path, "rb") as f:
+    with open(engine.weights.pool.path, "rb") as f:
         f.seek(offset)
         original = f.read(1)
     engine.sleep(1)
-    corrupt(engine._pool.path, offset)
+    corrupt(engine.weights.pool.path, offset)
     engine.wake(overlap=True)
     assert engine.complete(PROMPT, GREEDY).token_ids == baseline  # first forward found it, rebuilt, re-ran
-    with open(engine._pool.path, "rb") as f:  # the pool was rebuilt from the source
+    with open(engine.weights.pool.path, "rb") as f:  # the pool was rebuilt from the source
         f.seek(offset)
         assert f.read(1) == original
     engine.sleep(1)
@@ -97,7 +97,7 @@ def test_sleep_right_after_an_overlapped_wake_settles_it_first(open_engine):
     engine = open_engine()
     baseline = engine.complete(PROMPT, GREEDY).token_ids
     engine.sleep(1)
-    corrupt(engine._pool.path, engine.layout.slots[3].offset)
+    corrupt(engine.weights.pool.path, engine.layout.slots[3].offset)
     engine.wake(overlap=True)
     engine.sleep(1)  # the pending check fails here: the bad pool is dropped and rebuilt, never served
     engine.wake(overlap=True)
@@ -108,10 +108,10 @@ def test_a_rebuild_that_fails_behind_the_first_forward_leaves_the_engine_asleep(
     engine = open_engine()
     baseline = engine.complete(PROMPT, GREEDY).token_ids
     engine.sleep(1)
-    corrupt(engine._pool.path, engine.layout.slots[3].offset)
+    corrupt(engine.weights.pool.path, engine.layout.slots[3].offset)
     engine.wake(overlap=True)
     with monkeypatch.context() as m:
-        m.setattr(engine, "_build_pool", lambda: (_ for _ in ()).throw(OSError("the source is unreachable")))
+        m.setattr(engine.weights, "_build_pool", lambda: (_ for _ in ()).throw(OSError("the source is unreachable")))
         with pytest.raises(OSError):
             engine.complete(PROMPT, GREEDY)
     assert engine.state.value == "asleep" and engine.sleep_level == 2 and engine.streams == 0

@@ -32,7 +32,7 @@ class Block:
     start: int
     end: int
     resident: bool  # stays on the device while asleep
-    weights: bool = True  # False for the scratch block (the static KV cache): released on sleep, never copied
+    weights: bool = True  # False for the scratch block (the KV cache): released on sleep, never copied
 
     @property
     def nbytes(self) -> int:
@@ -54,8 +54,9 @@ def plan_blocks(layout: ArenaLayout, keep_layers: int, per_segment: bool = False
 
 
 class DeviceArena:
-    """`scratch_bytes` adds a block after the weights for the static KV cache: it lives in the same address range
-    (so a CUDA graph that captured it stays valid), is released on sleep and is never copied or verified."""
+    """`scratch_bytes` adds a block after the weights for the batch KV cache (kvcache.py): it lives in the same
+    address range (so a CUDA graph that captured it stays valid), is released on sleep and is never copied or
+    verified."""
 
     def __init__(self, layout: ArenaLayout, device: torch.device, keep_layers: int = 0, vmm: str = "auto",
                  scratch_bytes: int = 0):
@@ -99,7 +100,7 @@ class DeviceArena:
 
     @property
     def scratch_bytes(self) -> int:
-        """Scratch (static KV cache) bytes on the device now."""
+        """Scratch (KV cache) bytes on the device now."""
         return sum(b.nbytes for b in self.blocks if not b.weights and b.start in self._tensors)
 
     def released_blocks(self) -> list[Block]:
@@ -118,10 +119,7 @@ class DeviceArena:
             for block in missing:
                 if defer and self._vrange is not None:
                     continue
-                self._tensors[block.start] = self._new_block(block)
-                if not block.weights:
-                    # masked cache positions are weighted by zero, and zero times a NaN in fresh memory is NaN
-                    self._tensors[block.start].zero_()
+                self._tensors[block.start] = self._new_block(block)  # the KV cache too: never read before written
         except BaseException:
             for block in missing:  # leave the arena as it was: nothing half-allocated
                 self._drop_block(block)

@@ -9,9 +9,11 @@ import torch
 
 from ksleep.v1 import forkserver_pb2
 
+from .limits import INT_RANGES, check_int, parse_kv_cache
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 VMM_MODES = ("auto", "on", "off")
-GRAPH_MODES = ("auto", "on", "off", "compile")
+GRAPH_MODES = ("auto", "on", "off")
 
 
 def default_cache_dir() -> Path:
@@ -43,10 +45,14 @@ class WorkerConfig:
     verify_on_wake: checksum the arena against the manifest after every wake from the mirror, not only on
         attach (catches a mirror corrupted while we slept; costs one read of the arena on the device, which
         contends with the copy: ~10 ms of a 0.29 s 7B wake on an H200, measured).
-    decode_graphs: `auto` decodes through CUDA graphs over a static KV cache on a GPU (eagerly on CPU); `on`
-        also uses the static cache on CPU (without graphs: for tests); `compile` also compiles the decode step
-        with torch.compile at load (faster steps, ~40 s more per worker start); `off` decodes eagerly.
-    graph_tokens: the static KV cache's length: requests with more prompt + new tokens decode eagerly.
+    cuda_graphs: `auto` replays steps from CUDA graphs where they apply (a GPU whose torch has the varlen flash
+        kernel); `on` requires them (loading fails where they do not apply); `off` runs every step eagerly.
+    kv_cache: the batch KV cache's size: `auto` (half the device memory free once the weights are placed, 256 MiB
+        on CPU), a fraction of that free memory (`0.3`), or bytes (`8GiB`, `512MiB`, `1000000000`).
+    max_batch: sequences that run at once (more wait in the queue).
+    max_queue: requests that may wait for the batch; one more is refused (QueueFullError, RESOURCE_EXHAUSTED).
+    prefill_chunk: tokens a step feeds while sequences decode (theirs included): how long a prompt may hold the
+        running decodes per step.
     seed: seed of `synthetic:` weights.
     load_threads: parallel readers when a checkpoint is read into the mirror.
     """
@@ -64,8 +70,11 @@ class WorkerConfig:
     seed: int = 0
     trust_remote_code: bool = False
     load_threads: int = 8
-    decode_graphs: str = "auto"
-    graph_tokens: int = 2048
+    cuda_graphs: str = "auto"
+    kv_cache: str = "auto"
+    max_batch: int = 128
+    max_queue: int = 1024
+    prefill_chunk: int = 512
 
     def __post_init__(self) -> None:
         if not self.model or not self.model.strip():
@@ -85,10 +94,11 @@ class WorkerConfig:
             raise ValueError(f"vmm {self.vmm!r} is not one of {', '.join(VMM_MODES)}")
         if not self.pool_prefix or "/" in self.pool_prefix:
             raise ValueError(f"pool_prefix {self.pool_prefix!r} must be a non-empty file-name prefix")
-        if self.decode_graphs not in GRAPH_MODES:
-            raise ValueError(f"decode_graphs {self.decode_graphs!r} is not one of {', '.join(GRAPH_MODES)}")
-        if isinstance(self.graph_tokens, bool) or not isinstance(self.graph_tokens, int) or not 16 <= self.graph_tokens <= 1 << 20:
-            raise ValueError(f"graph_tokens must be an integer in [16, 2^20], got {self.graph_tokens!r}")
+        if self.cuda_graphs not in GRAPH_MODES:
+            raise ValueError(f"cuda_graphs {self.cuda_graphs!r} is not one of {', '.join(GRAPH_MODES)}")
+        parse_kv_cache(self.kv_cache)  # ValueError naming the setting
+        for name in INT_RANGES:
+            check_int(name, getattr(self, name))
         if self.load_threads < 1:
             raise ValueError("load_threads must be >= 1")
         self.shm_dir = Path(self.shm_dir)
@@ -100,8 +110,9 @@ class WorkerConfig:
         return cls(model=pb.model, device=pb.device or "auto", dtype=pb.dtype or "auto", keep_layers=pb.keep_layers,
                    cache_dir=pb.cache_dir or None, model_dir=pb.model_dir or None, shm_dir=pb.shm_dir or "/dev/shm",
                    pool_prefix=pb.pool_prefix or "ksleep", vmm=pb.vmm or "auto", trust_remote_code=pb.trust_remote_code,
-                   decode_graphs=pb.decode_graphs or "auto", graph_tokens=pb.graph_tokens or 2048,
-                   verify_on_wake=not pb.skip_wake_checksums)
+                   cuda_graphs=pb.cuda_graphs or "auto", kv_cache=pb.kv_cache or "auto",
+                   max_batch=pb.max_batch or 128, max_queue=pb.max_queue if pb.HasField("max_queue") else 1024,
+                   prefill_chunk=pb.prefill_chunk or 512, verify_on_wake=not pb.skip_wake_checksums)
 
     def to_pb(self, **extra) -> forkserver_pb2.WorkerSettings:
         """The settings message for a worker; `extra` sets the fields that are not the engine's (socket_path...)."""
@@ -109,11 +120,9 @@ class WorkerConfig:
             model=self.model, device=self.device, dtype=self.dtype, keep_layers=self.keep_layers,
             cache_dir=str(self.cache_dir), model_dir=str(self.model_dir), shm_dir=str(self.shm_dir),
             pool_prefix=self.pool_prefix, vmm=self.vmm, trust_remote_code=self.trust_remote_code,
-            decode_graphs=self.decode_graphs, graph_tokens=self.graph_tokens,
+            cuda_graphs=self.cuda_graphs, kv_cache=self.kv_cache, max_batch=self.max_batch,
+            max_queue=self.max_queue, prefill_chunk=self.prefill_chunk,
             skip_wake_checksums=not self.verify_on_wake, **extra)
-
-    def uses_static_cache(self, device: torch.device) -> bool:
-        return self.decode_graphs in ("on", "compile") or (self.decode_graphs == "auto" and device.type == "cuda")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -1,74 +1,60 @@
-"""The engine: a model whose weights live in a device arena mirrored by a shared-memory pool.
+"""The engine: a model whose weights live in a device arena mirrored by a shared-memory pool, serving every
+request it is given in one continuous batch.
 
     engine = Engine.load(WorkerConfig(model="smollm2-135m"))
     print(engine.complete("The future of artificial intelligence is", SamplingParams(max_tokens=50)).text)
     engine.sleep(1)     # device memory released, mirror kept: milliseconds
     engine.wake()       # one bulk host->device copy from the pinned mirror
+
+All torch work runs on the engine's own thread, one step at a time: each step admits waiting requests, runs one
+packed forward for every running sequence (runner.py), samples each row (sampler.py) and streams the tokens out.
+Sleep, wake and the rest are commands that thread runs between steps. The calls below may come from any thread.
 """
 from __future__ import annotations
 
-import contextlib
-import enum
 import logging
+import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence as Seq
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 
 import torch
-from transformers import DynamicCache
 
-from . import faults
-from .arena import Block, DeviceArena
-from .decoder import DecodeCache, GraphDecoder, attention_backends, kv_bytes, static_cache_unsupported
-from .fill import ArenaFill
-from .gate import LayerGate
+from . import attention
+from .arena import DeviceArena
 from .config import WorkerConfig
-from .errors import AsleepError, BusyError, ClosedError, PoolCorruptError
-from .generation import Completion, SamplingParams, TokenEvent, TokenStream, stream_tokens
-from .layout import ArenaLayout
-from .memory import MemoryReport, measure
-from .pool import PoolManifest, WeightPool, pool_name
-from .poolfiles import remove_pool_files
-from .reports import LoadReport, Phases, SleepResult, WakeResult
-from .skeleton import ModelSkeleton
-from .staging import StagingRing
+from .errors import AsleepError, BusyError, ClosedError, SleepAbortError
+from .generation import FINISH_STOP, Completion, SamplingParams, TokenWriter
+from .kvcache import CacheSize, KVCache, bytes_per_token, head_dim, kv_heads
+from .memory import MemoryReport
 from .prepared import PreparedModel
 from .prompt import PromptEncoder
+from .reports import LoadReport, Phases, SleepResult, WakeResult
+from .runner import Batch, ModelRunner
+from .sampler import Sampler
+from .scheduler import Scheduler, SchedulerStats
+from .sequence import Outbox, RequestStream, Sequence
+from .weights import WeightState, WeightStore
 
 log = logging.getLogger(__name__)
 
-
-class EngineState(str, enum.Enum):
-    AWAKE = "awake"
-    ASLEEP = "asleep"
-    CLOSED = "closed"
+EngineState = WeightState
+GATHER_SECONDS = 0.05  # the most a wake holds its first step for the requests the supervisor said are coming
 
 
 class Engine:
-    def __init__(self, config: WorkerConfig, device: torch.device, source, skeleton: ModelSkeleton,
-                 layout: ArenaLayout, tokenizer, arena: DeviceArena):
-        self.config, self.device, self.source = config, device, source
-        self.skeleton, self.layout, self.tokenizer, self.arena = skeleton, layout, tokenizer, arena
-        self.pool_name = pool_name(config.pool_prefix, source, config.torch_dtype, layout)
-        self.context_tokens = int(getattr(skeleton.config, "max_position_embeddings", 0) or 2**31)
-        self.encode = PromptEncoder(tokenizer, int(skeleton.config.vocab_size), self.context_tokens, config.model).encode
-        eos = [skeleton.config.eos_token_id, tokenizer.eos_token_id]
-        self.eos_ids = frozenset(i for e in eos for i in (e if isinstance(e, (list, tuple)) else [e]) if i is not None)
-        self._pool: WeightPool | None = None
-        self._expected: torch.Tensor | None = None  # the manifest's block sums, on the device
-        self._lock = threading.RLock()  # re-entrant: a stream collected while this thread holds it releases its claim
-        self._streams = 0
-        self._last_restore_verified = False
-        self._pool_verified = False  # the attached pool passed a checksum at least once
-        self._staging: StagingRing | None = None
-        self._fill: ArenaFill | None = None  # a restore still in flight behind the forward (overlapped wake)
-        self._gate = LayerGate(skeleton.model, layout)
-        self._decoder = (GraphDecoder(skeleton.model, skeleton.config, config.torch_dtype, device, config.graph_tokens,
-                                      compile=config.decode_graphs == "compile" and device.type == "cuda") if arena.scratch_bytes_planned else None)
-        self._phases = Phases(device)
-        self._state = EngineState.ASLEEP
-        self.sleep_level = 0
-        self.load_report: LoadReport | None = None
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox = Outbox()
+        self._pending: list[tuple[Sequence, int | BaseException]] = []  # a step's outcomes not yet sent
+        self._gather: tuple[int, float] | None = None  # (requests expected, until) after a wake
+        self._stopped = False
+        self.weights: WeightStore | None = None  # set by _load, on the engine thread
+        self.scheduler: Scheduler | None = None
+        self._thread = threading.Thread(target=self._loop, name="ksleep-engine", daemon=True)
+        self._thread.start()
 
     # -- loading --------------------------------------------------------------------------------------------
     @classmethod
@@ -76,362 +62,327 @@ class Engine:
         """Load a model. `prepared` skips what a forkserver already built; `awake=False` attaches to an existing
         pool and leaves the device empty (the state of a worker restarted while the daemon sleeps); without a pool
         it builds none and stays asleep at level 2 (its first wake reads the source)."""
+        engine = cls(config)
+        try:
+            engine._call(engine._load, prepared, awake)
+        except BaseException:
+            engine._stop_thread()
+            raise
+        return engine
+
+    def _load(self, prepared: PreparedModel | None, awake: bool) -> None:
+        config = self.config
         phases = Phases(torch.device("cpu"))
-        device = config.resolve_device()
+        device = self.device = config.resolve_device()
         if device.type == "cuda":
             torch.cuda.set_device(device)
             torch.empty(1, device=device)  # create the CUDA context now, so that it is timed as such
             phases.device = device
         phases.mark("device_init")
         prepared = prepared or PreparedModel.build(config, device.type)
-        scratch = 0
-        if config.uses_static_cache(device):
-            reason = static_cache_unsupported(prepared.skeleton.config, config.graph_tokens)
-            if reason is None:
-                scratch = kv_bytes(prepared.skeleton.config, config.torch_dtype, config.graph_tokens)
-            elif config.decode_graphs == "auto":
-                log.info("decoding eagerly: %s", reason)
-            else:
-                raise ValueError(f"decode_graphs={config.decode_graphs}: {reason}")
-        arena = DeviceArena(prepared.layout, device, config.keep_layers, config.vmm, scratch)
-        engine = cls(config, device, prepared.source, prepared.skeleton, prepared.layout, prepared.tokenizer, arena)
-        engine._phases = phases
+        self.skeleton, self.layout, self.tokenizer = prepared.skeleton, prepared.layout, prepared.tokenizer
+        model_config = self.skeleton.config
+        attention.register()
+        model_config._attn_implementation = attention.ATTENTION_NAME
+        self.context_tokens = int(getattr(model_config, "max_position_embeddings", 0) or 2**31)
+        self.encode = PromptEncoder(self.tokenizer, int(model_config.vocab_size), self.context_tokens, config.model).encode
+        eos = [model_config.eos_token_id, self.tokenizer.eos_token_id]
+        self.eos_ids = frozenset(i for e in eos for i in (e if isinstance(e, (list, tuple)) else [e]) if i is not None)
+        dtype = config.torch_dtype
+        tokens = CacheSize.parse(config.kv_cache).tokens(bytes_per_token(model_config, dtype), device,
+                                                         self.layout.total_bytes)
+        self.kv_cache = KVCache.for_model(model_config, dtype, tokens)
+        arena = DeviceArena(self.layout, device, config.keep_layers, config.vmm, self.kv_cache.nbytes)
+        self.weights = WeightStore(config, device, prepared.source, self.skeleton, self.layout, arena, phases)
+        self.attention = "gather"
+        reason = attention.flash_unavailable_reason(device, dtype, int(model_config.num_attention_heads),
+                                                    kv_heads(model_config), head_dim(model_config))
+        if reason is None:
+            self.attention = "flash"
+        elif device.type == "cuda":
+            log.warning("attention falls back to padded SDPA, steps run eagerly: %s", reason)
+        if config.cuda_graphs == "on" and (device.type != "cuda" or reason is not None):
+            raise ValueError(f"cuda_graphs=on, but CUDA graphs do not apply here: {reason}")
+        self.runner = ModelRunner(self.skeleton.model, self.kv_cache, device, self.attention,
+                                  config.cuda_graphs != "off", config.max_batch,
+                                  max(config.prefill_chunk, config.max_batch + 32))
+        self.scheduler = Scheduler(self.kv_cache, config.max_batch, config.max_queue, config.prefill_chunk)
+        self.sampler = Sampler(device)
         phases.mark("prepare")
         try:
-            how = engine._bring_up(awake)
-            if device.type == "cuda" and engine.state is EngineState.AWAKE:
-                engine._warm_up()  # queued behind the copy still in flight: kernels load while the weights land
-            if engine._settle():  # the attached pool failed its checksum behind the warm-up
-                how = "rebuilt"
+            how = self.weights.bring_up(awake)
+            if self.weights.state is WeightState.AWAKE:
+                self.kv_cache.bind(arena.scratch())
+                if device.type == "cuda":  # queued behind the copy still in flight: kernels load while it lands
+                    self._warm_up()
+                if self.weights.settle():  # the attached pool failed its checksum behind the warm-up
+                    how = "rebuilt"
             phases.mark("copy_verify_warm_up" if device.type == "cuda" else "copy_verify")
-            if engine._decoder is not None and engine._decoder.compiled and engine.state is EngineState.AWAKE:
-                with torch.inference_mode(), attention_backends(device):
-                    engine._decoder.prepare(engine.arena.scratch())
-                phases.mark("compile_decode")
         except BaseException:
-            engine.close()
+            self.weights.close()
             raise
         if device.type == "cuda":
             torch.cuda.empty_cache()  # loading's scratch (synthetic draws, checksums) must not count as "awake"
-        engine.load_report = LoadReport(phases.total, how, engine.pool_name, engine.layout.weight_bytes,
-                                        engine.layout.total_bytes, arena.stable_addresses,
-                                        engine._pool is not None and engine._pool.pinned,
-                                        phases.seconds)
-        log.info("loaded %s: %s", config.model, engine.load_report)
-        return engine
-
-    def _bring_up(self, awake: bool) -> str:
-        """Attach to the pool or build it, then fill the arena and bind the model; returns how."""
-        try:
-            self._pool = WeightPool.open(self.config.shm_dir, self.pool_name)
-        except PoolCorruptError as exc:
-            log.warning("%s; rebuilding the pool", exc)
-            remove_pool_files(self.config.shm_dir, self.pool_name)
-        how = "attached" if self._pool is not None else "created"
-        if not awake:
-            if self._pool is None:  # nothing to attach to (a level-2 sleep dropped it): asleep as at level 2
-                self._state, self.sleep_level = EngineState.ASLEEP, 2
-                return "none"
-            if self.device.type == "cuda":  # verified on the first wake
-                self._pool.pin(self.device)
-            self._state, self.sleep_level = EngineState.ASLEEP, 1
-            return how
-        blocks = self.arena.allocate()
-        self._phases.mark("allocate")
-        source = self._restore(blocks, overlap=awake)
-        self._state, self.sleep_level = EngineState.AWAKE, 0
-        if not awake:
-            self.sleep(1)
-        return "rebuilt" if how == "attached" and source == "source" else how
-
-    def _build_pool(self) -> WeightPool:
-        """A new, unpublished pool filled from the model source (checkpoint reads or synthetic draws)."""
-        pool = WeightPool.create(self.config.shm_dir, self.pool_name, self.layout.total_bytes)
-        self._phases.mark("create_pool")
-        try:
-            params = [s for s in self.layout.slots if s.kind == "param"]
-            self.source.write_weights(params, pool.tensor, self.device, self.config.load_threads)
-            by_name = {s.name: s for s in self.layout.slots}
-            for name, value in self.skeleton.buffer_values().items():
-                by_name[name].view(pool.tensor).copy_(value)
-            self._phases.mark("read_source")
-            if self.device.type == "cuda":  # after the fill: pinning pages already written is ~3x faster
-                pool.pin(self.device)
-                pool.wait_pinned()
-                self._phases.mark("pin")
-        except BaseException:
-            pool.discard()
-            raise
-        return pool
-
-    def _restore(self, blocks: list[Block], overlap: bool = False) -> str:
-        """Copy `blocks` from the pool into the arena (building the pool first if there is none), verify, bind.
-        With `overlap`, return once the copy is queued: the next forward runs behind it, layer by layer, and the
-        verification is settled after that forward (see _settle). (On CPU the copy is done by then; only the
-        verification waits for the forward.)"""
-        if self._pool is None:
-            self._pool = self._build_pool()
-        pool = self._pool
-        if pool.manifest is None:  # just built: checksum on the device, then publish
-            self.arena.fill(pool.tensor, blocks).finish()
-            self._phases.mark("copy")
-            self._expected = self.arena.checksums()
-            pool.publish(PoolManifest(self.pool_name, self.source.identity, str(self.config.torch_dtype),
-                                      self.layout, self._expected.cpu().numpy(), time.time()))
-            self.skeleton.bind(self.arena.views())
-            self._phases.mark("checksum_publish_bind")
-            self._last_restore_verified = self._pool_verified = True
-            return "source"
-        try:
-            pool.check_intact()
-            if self._expected is None:  # a pool's manifest is read once, when it is opened
-                if pool.manifest.identity != self.source.identity or pool.manifest.layout != self.layout:
-                    raise PoolCorruptError(f"{pool.path} was made for another model or layout")
-                self._expected = torch.from_numpy(pool.manifest.block_sums).to(self.device)
-        except PoolCorruptError as exc:
-            return self._rebuild(exc)
-        verify = self.config.verify_on_wake or not self._pool_verified  # always the first time
-        fill = self.arena.fill(pool.tensor, blocks, self._expected if verify else None, self._staging_for(pool))
-        self.skeleton.bind(self.arena.views())  # host-side work while the copy runs
-        self._last_restore_verified = verify
-        self._fill = fill
-        if overlap:
-            self._gate.arm(fill)
-            self._phases.mark("queue_copy", wait=False)
-            return "mirror"
-        self._settle()
-        self._phases.mark("copy_verify_bind")
-        return "mirror" if self._pool is pool else "source"
-
-    def _settle(self) -> bool:
-        """Finish the restore in flight, if any: order the compute stream after it and check its checksums. A
-        corrupt pool is dropped and the weights are rebuilt from the source; returns True then, because whatever
-        ran behind the copy read bad weights and must be run again."""
-        fill, self._fill = self._fill, None
-        if fill is None:
-            return False
-        self._gate.disarm()
-        try:
-            fill.finish()
-        except PoolCorruptError as exc:
-            try:
-                self._rebuild(exc)
-            except BaseException:  # no good weights to serve: asleep, and the next wake reloads the source
-                self.skeleton.unbind()
-                self.arena.release()
-                self._state, self.sleep_level = EngineState.ASLEEP, 2
-                raise
-            return True
-        self._pool_verified = self._pool_verified or fill.verified
-        if self.device.type == "cuda" and self._pool is not None:
-            # no-op once started; begun only now so that it does not slow a staged copy that reads the same pages
-            self._pool.pin(self.device)
-        return False
-
-    def _rebuild(self, exc: PoolCorruptError) -> str:
-        """Drop a pool that proved bad and refill every weight block from a new one built from the source."""
-        log.warning("%s; rebuilding the pool from %s", exc, self.config.model)
-        self._drop_pool(unlink=True)
-        return self._restore([b for b in self.arena.blocks if b.weights])
+        pool = self.weights.pool
+        self.load_report = LoadReport(phases.total, how, self.weights.pool_name, self.layout.weight_bytes,
+                                      self.layout.total_bytes, arena.stable_addresses, pool is not None and pool.pinned,
+                                      phases.seconds)
+        log.info("loaded %s: %s; KV cache %d positions (%.2f GB), attention %s, graphs %s", config.model,
+                 self.load_report, tokens, self.kv_cache.nbytes / 1e9, self.attention, self.runner.graphs_enabled)
 
     def _warm_up(self) -> None:
         """One forward before serving: a fresh process loads its kernels and creates its cuBLAS handle on its
-        first forward (~1 s for a 7B); better here than in the first user's time to first token."""
-        with torch.inference_mode(), self._attention(self._decoder is not None):  # the first request's kernels
-            self.skeleton.model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=self.device),
-                                past_key_values=DynamicCache(config=self.skeleton.config), use_cache=True)
+        first forward (~1 s for a 7B); better here than in the first user's time to first token. It writes only
+        the cache's pad positions."""
+        self.runner.forward(Batch([0, 0], [0, 1], [0, 1], [2], [0], [2]), eager=True)
 
-    def _attention(self, static_cache: bool):
-        """The static-cache paths attend without cuDNN's SDPA kernel (see decoder.py); the others as transformers
-        chooses."""
-        return attention_backends(self.device) if static_cache else contextlib.nullcontext()
-
-    def _staging_for(self, pool: WeightPool) -> StagingRing | None:
-        """Pinned staging buffers while the mirror is not pinned (yet) in this process; None once it is."""
-        if self.device.type != "cuda" or pool.pinned:
-            if self._staging is not None:
-                self._staging.close()
-                self._staging = None
-            return None
-        self._staging = self._staging or StagingRing(self.device)
-        return self._staging
-
-    def _drop_pool(self, unlink: bool) -> None:
-        if self._pool is not None:
-            if unlink:
-                self._pool.unlink()
-            self._pool.close()
-            self._pool, self._expected, self._pool_verified = None, None, False
-
-    # -- sleep and wake -------------------------------------------------------------------------------------
-    @property
-    def state(self) -> EngineState:
-        return self._state
-
-    @property
-    def streams(self) -> int:
-        """Generations streaming now."""
-        return self._streams
-
-    def sleep(self, level: int = 1) -> SleepResult:
-        """Level 1: release the device arena and torch's cached blocks; the mirror stays. Level 2: also drop
-        the mirror (wake reloads from the model source). Refused (BusyError) while generations are streaming."""
-        if level not in (1, 2):
-            raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
-        with self._lock:
-            self._check_open()
-            if self._streams:
-                raise BusyError(f"{self._streams} generation(s) still streaming; sleep after they finish")
-            t0 = time.perf_counter()
-            faults.transition_delay()
-            freed = 0
-            if self._state is EngineState.AWAKE:
-                self._settle()  # a wake still landing: finish it (a corrupt pool is dropped, not slept on)
-                if self._decoder is not None and not self.arena.stable_addresses:
-                    self._decoder.invalidate()  # its graphs and cache views hold the scratch that is freed now
-                self.skeleton.unbind()
-                freed = self.arena.release()
-                if self.device.type == "cuda":
-                    if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
-                        torch._C._cuda_clearCublasWorkspaces()  # before empty_cache, which then returns them
-                    torch.cuda.empty_cache()
-            if level == 2:
-                self._drop_pool(unlink=True)
-            self._state, self.sleep_level = EngineState.ASLEEP, max(level, self.sleep_level)
-            return SleepResult(level, time.perf_counter() - t0, freed)
-
-    def wake(self, overlap: bool = False) -> WakeResult:
-        """One bulk copy from the pinned mirror (after level 1) or a reload from the source (after level 2).
-        Raises DeviceMemoryError, and stays asleep, when the device has no room.
-
-        `overlap` (from the mirror): return as soon as the copy is queued; the next forward runs behind it
-        layer by layer, so a request's first token costs about the copy alone. `seconds` then covers only the
-        allocation and queueing; the copy's verification is settled by that forward (or by the next sleep)."""
-        with self._lock:
-            self._check_open()
-            if self._state is EngineState.AWAKE:
-                return WakeResult(0.0, 0, "none", False)
-            self._phases = Phases(self.device)
-            faults.transition_delay()
-            level = self.sleep_level
-            # from a pinned mirror the copy is queued at once, so each segment can be mapped just before its copy
-            blocks = self.arena.allocate(defer=overlap and self._pool is not None and self._pool.pinned)
-            self._phases.mark("allocate")
+    # -- commands: run on the engine thread between steps ------------------------------------------------------
+    def _call(self, fn, *args):
+        """Run `fn(*args)` on the engine thread and return its result (or raise its error)."""
+        if self._stopped:
+            raise ClosedError("the engine is closed")
+        future: Future = Future()
+        self._commands.put((fn, args, future))
+        while True:
             try:
-                origin = self._restore(blocks, overlap)
-                self.arena.allocate()  # what the deferred allocation left to map (the KV scratch), while the copy runs
-            except BaseException:
-                self.arena.release()
-                raise
-            self._state, self.sleep_level = EngineState.AWAKE, 0
-            return WakeResult(self._phases.total, sum(b.nbytes for b in blocks), origin,
-                              self._last_restore_verified, self._phases.seconds, level, self._fill is not None)
+                return future.result(timeout=1.0)
+            except FutureTimeout:  # a bound on the wait: an engine thread that is gone never answers
+                if not self._thread.is_alive():
+                    raise ClosedError("the engine thread stopped") from None
+
+    def _post(self, fn, *args) -> None:
+        """Run `fn(*args)` on the engine thread, not waiting for it."""
+        if not self._stopped:
+            self._commands.put((fn, args, None))
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            busy = self._awake() and self.scheduler.has_work and not self._gathering()
+            if not busy:  # the last step's tokens go out before the thread waits for work
+                self._emit()
+                self._outbox.flush()
+            self._run_commands(block=not busy)
+            if self._stopped or not self._awake() or self._gathering():
+                continue
+            try:
+                self._step()
+            except Exception as exc:  # noqa: BLE001 - the step's requests fail; the engine keeps serving
+                log.exception("a step failed")
+                self._fail(list(self.scheduler.running), exc)
+            self._outbox.flush()
+
+    def _run_commands(self, block: bool) -> None:
+        timeout = None
+        if block and self._gather is not None:
+            timeout = max(0.0, self._gather[1] - time.monotonic())
+        while True:
+            try:
+                fn, args, future = self._commands.get(block=block, timeout=timeout) if block else \
+                    self._commands.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            self._emit()  # what the last step produced goes out before anything changes state
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                if future is None:
+                    log.exception("engine command %s failed", getattr(fn, "__name__", fn))
+                else:
+                    future.set_exception(exc)
+            else:
+                if future is not None:
+                    future.set_result(result)
+            self._outbox.flush()
+
+    def _awake(self) -> bool:
+        return self.weights is not None and self.weights.state is WeightState.AWAKE
+
+    def _gathering(self) -> bool:
+        """A wake is holding its first step for requests still on their way."""
+        if self._gather is None:
+            return False
+        expected, until = self._gather
+        if len(self.scheduler.waiting) + len(self.scheduler.running) >= expected or time.monotonic() >= until:
+            self._gather = None
+            return False
+        return True
+
+    # -- one step -------------------------------------------------------------------------------------------
+    def _step(self) -> None:
+        step = self.scheduler.plan()
+        if step is None:
+            self._emit()
+            return
+        behind_copy = self.weights.filling
+        try:
+            logits = self.runner.forward(step.batch, eager=behind_copy)
+            if behind_copy and self.weights.settle():  # it read a pool that proved corrupt, now rebuilt
+                logits = self.runner.forward(step.batch)  # nothing was accounted yet: run it again
+        except BaseException as exc:
+            if not self._awake():  # the rebuild failed: no weights to serve anyone with
+                self._fail(list(self.scheduler.running) + list(self.scheduler.waiting), exc)
+                return
+            raise
+        drawn = self.sampler.launch(logits, step.sampled, [step.rows[i] for i in step.sampled])
+        self._emit()  # the previous step's tokens go out while the GPU runs this one
+        self._pending = self.scheduler.complete(step, self.sampler.collect(drawn))
+
+    def _emit(self) -> None:
+        """Turn the last step's outcomes into events (text, stop strings) and hand them to their streams."""
+        pending, self._pending = self._pending, []
+        now = time.perf_counter()
+        for seq, token in pending:
+            if isinstance(token, BaseException):
+                self._outbox.add(seq.stream, [token])
+                continue
+            event = seq.writer.push(token, now)
+            if event.finish_reason == FINISH_STOP and seq.finish is None:
+                seq.finish = FINISH_STOP  # found only now: it leaves the batch after the step in flight
+                self.scheduler.retire(seq)
+            self._outbox.add(seq.stream, [event])
+
+    def _fail(self, seqs: list[Sequence], exc: BaseException) -> None:
+        self._emit()
+        for seq in seqs:
+            self.scheduler.abort(seq)
+            self._outbox.add(seq.stream, [exc])
 
     # -- generation -----------------------------------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                 started: float | None = None) -> TokenStream:
-        """Stream tokens. Arguments and state are checked now; tokens come as the iterator is consumed. Close the
-        stream (or consume it) to give its claim back; one never started is released by close() too."""
+    def generate(self, prompt: str | Seq[int] | Seq[dict], params: SamplingParams | None = None,
+                 started: float | None = None, loop=None) -> RequestStream:
+        """Stream tokens. The prompt, the parameters, the state and the queue's room are checked now (ValueError,
+        AsleepError, QueueFullError); tokens come as the stream is read: by iteration, or with `async for` when
+        `loop` is the asyncio loop that reads it. Closing the stream cancels the request at the next step."""
         started = time.perf_counter() if started is None else started
         params = params or SamplingParams()
         ids = self.encode(prompt, params.max_tokens)
-        with self._lock:
+        self._check_awake()
+        stream = RequestStream(loop)
+        stream.prompt_tokens = len(ids)
+        seq = Sequence(ids, params, TokenWriter(self.tokenizer, params, self.eos_ids, started), stream, self.device)
+        self.scheduler.check(seq)
+        stream.attach(lambda: self._post(self.scheduler.abort, seq), self._thread.is_alive)
+        self._post(self._admit, seq)
+        return stream
+
+    def _admit(self, seq: Sequence) -> None:
+        try:
+            if seq.stream.finished:  # closed before it was admitted
+                return
             self._check_awake()
-            self._streams += 1
-            try:
-                graphed = self._claim_static_cache(len(ids) + params.max_tokens)
-            except BaseException:
-                self._streams -= 1
-                raise
+            self.scheduler.add(seq)
+        except Exception as exc:  # noqa: BLE001 - asleep or full by now: the request hears why
+            self._outbox.add(seq.stream, [exc])
 
-        def release() -> None:  # TokenStream calls it once
-            with self._lock:
-                self._streams -= 1
-                if graphed is not None and graphed.graphed:
-                    self._decoder.release()
-
-        return TokenStream(self._stream(ids, params, started, graphed), release)
-
-    def _claim_static_cache(self, tokens: int) -> DecodeCache | None:
-        """The static cache this request decodes over: the shared one and its graphs, a private one when another
-        stream holds that, or None (transformers' DynamicCache) when there is no decoder or it is too long."""
-        decoder = self._decoder
-        if decoder is None or not decoder.accepts(tokens):
-            return None
-        if decoder.busy:  # a concurrent stream: the same length and kernels, eager steps
-            return decoder.private(tokens)
-        return decoder.acquire(self.arena.scratch(), tokens)
-
-    def _stream(self, ids: list[int], params: SamplingParams, started: float,
-                graphed: DecodeCache | None) -> Iterator[TokenEvent]:
-        decoder = self._decoder
-        cache = DynamicCache(config=self.skeleton.config) if graphed is None else None
-
-        def run(input_ids: torch.Tensor, prefill: bool) -> torch.Tensor:
-            if graphed is not None:
-                return decoder.prefill(graphed, input_ids) if prefill else decoder.step(graphed, input_ids)
-            out = self.skeleton.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            return out.logits[:, -1, :]
-
-        def forward(input_ids: torch.Tensor, prefill: bool) -> torch.Tensor:
-            nonlocal cache
-            with self._lock, torch.inference_mode(), self._attention(graphed is not None):
-                self._check_awake()
-                logits = run(input_ids, prefill)
-                if self._fill is not None and self._settle():  # ran behind a wake whose pool proved corrupt
-                    if not prefill:
-                        raise PoolCorruptError("the weights were rebuilt in the middle of a generation")
-                    if graphed is None:
-                        cache = DynamicCache(config=self.skeleton.config)
-                    else:
-                        decoder.reset(graphed)
-                    logits = run(input_ids, prefill)
-                return logits
-
-        yield from stream_tokens(forward, self.tokenizer, ids, params, self.eos_ids, self.device, started)
-
-    def complete(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Completion:
+    def complete(self, prompt: str | Seq[int] | Seq[dict], params: SamplingParams | None = None) -> Completion:
         started = time.perf_counter()
         return Completion.collect(self.generate(prompt, params, started), started)
 
+    # -- sleep and wake -------------------------------------------------------------------------------------
+    @property
+    def state(self) -> WeightState:
+        return self.weights.state
+
+    @property
+    def sleep_level(self) -> int:
+        return self.weights.sleep_level
+
+    @property
+    def streams(self) -> int:
+        """Requests running or waiting for the batch."""
+        return len(self.scheduler.running) + len(self.scheduler.waiting)
+
+    def sleep(self, level: int = 1, abort: bool = False) -> SleepResult:
+        """Level 1: release the device arena (weights and KV cache) and torch's cached blocks; the mirror stays.
+        Level 2: also drop the mirror (wake reloads from the model source). Refused (BusyError) while requests run
+        or wait, unless `abort`, which ends them (their streams raise SleepAbortError)."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
+        return self._call(self._sleep, level, abort)
+
+    def _sleep(self, level: int, abort: bool) -> SleepResult:
+        self.weights.check_open()
+        if self.scheduler.has_work:
+            if not abort:
+                raise BusyError(f"{self.streams} generation(s) still running or waiting; sleep after they finish")
+            self._fail(self.scheduler.drain(), SleepAbortError("cancelled: the model was put to sleep"))
+        self._gather = None
+        if self.weights.state is WeightState.AWAKE:
+            self.weights.settle()  # a wake still landing: finish it before the cache goes
+            self.kv_cache.unbind()
+            if not self.weights.arena.stable_addresses:
+                self.runner.forget_graphs()  # they captured the arena's addresses, which are about to be freed
+        return self.weights.sleep(level)
+
+    def wake(self, overlap: bool = False, waiting: int = 0) -> WakeResult:
+        """One bulk copy from the pinned mirror (after level 1) or a reload from the source (after level 2).
+        Raises DeviceMemoryError, and stays asleep, when the device has no room.
+
+        `overlap` (from the mirror): return as soon as the copy is queued; the next step runs behind it layer by
+        layer, so a request's first token costs about the copy alone. `seconds` then covers only the allocation
+        and queueing; the copy's verification is settled by that step (or by the next sleep). `waiting`: requests
+        on their way; the first step waits for them (at most GATHER_SECONDS) so that they run together."""
+        return self._call(self._wake, overlap, waiting)
+
+    def _wake(self, overlap: bool, waiting: int) -> WakeResult:
+        result = self.weights.wake(overlap)
+        if result.source != "none":
+            self.kv_cache.bind(self.weights.arena.scratch())
+            if waiting > 1:
+                self._gather = (waiting, time.monotonic() + GATHER_SECONDS)
+        return result
+
     def wait_pinned(self) -> None:
-        """Block until the mirror is page-locked (it is pinned in the background after a worker's first copy), so
-        that the next wake copies at full DMA speed. No-op on CPU."""
-        with self._lock:
-            if self._pool is not None and self.device.type == "cuda":
-                self._pool.pin(self.device)  # no-op once started
-                self._pool.wait_pinned()
+        """Block until the mirror is page-locked, so that the next wake copies at full DMA speed (no-op on CPU)."""
+        self._call(self.weights.wait_pinned)
 
     # -- accounting and shutdown ----------------------------------------------------------------------------
     def memory(self) -> MemoryReport:
-        return measure(self.device, arena_bytes=self.layout.total_bytes, weight_bytes=self.layout.weight_bytes,
-                       resident_bytes=self.arena.present_bytes, arena_in_torch_allocator=not self.arena.stable_addresses,
-                       mirror_bytes=self._pool.nbytes if self._pool else 0, scratch_bytes=self.arena.scratch_bytes)
+        return self.weights.memory()
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    @property
+    def pool_name(self) -> str:
+        return self.weights.pool_name
+
+    @property
+    def source(self):
+        """Where the weights come from (a checkpoint directory, the embedded model, synthetic draws)."""
+        return self.weights.source
+
+    @property
+    def arena(self) -> DeviceArena:
+        return self.weights.arena
 
     @property
     def model(self):
         return self.skeleton.model
 
-    @property
-    def decoder(self) -> GraphDecoder | None:
-        """The graph decoder (None when decoding eagerly): its `captures` and `replays` count what it did."""
-        return self._decoder
-
     def close(self, remove_pool: bool = False) -> None:
-        """Free the device and unmap the pool; `remove_pool` also deletes its files."""
-        with self._lock:
-            if self._state is EngineState.CLOSED:
-                return
-            self._gate.disarm()
-            self._fill = None
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # no copy in flight may still write into what is freed below
-            self.skeleton.unbind()
-            self.arena.close()
-            if self._staging is not None:
-                self._staging.close()
-            self._drop_pool(unlink=remove_pool)
-            self._state = EngineState.CLOSED
+        """Free the device and unmap the pool; `remove_pool` also deletes its files. Requests still running end
+        with ClosedError."""
+        if self._stopped:
+            return
+        try:
+            self._call(self._close, remove_pool)
+        finally:
+            self._stop_thread()
+
+    def _close(self, remove_pool: bool) -> None:
+        if self.scheduler is not None:
+            self._fail(self.scheduler.drain(), ClosedError("the engine was closed"))
+        if self.weights is not None:
+            self.kv_cache.unbind()
+            self.weights.close(remove_pool)
+
+    def _stop_thread(self) -> None:
+        self._stopped = True
+        self._commands.put((lambda: None, (), None))  # wakes the loop if it waits for a command
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
 
     def __enter__(self) -> Engine:
         return self
@@ -439,11 +390,8 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _check_open(self) -> None:
-        if self._state is EngineState.CLOSED:
-            raise ClosedError("the engine is closed")
-
     def _check_awake(self) -> None:
-        self._check_open()
-        if self._state is not EngineState.AWAKE:
-            raise AsleepError(f"the model is asleep (level {self.sleep_level}); wake it before generating")
+        self.weights.check_open()
+        if self.weights.state is not WeightState.AWAKE:
+            raise AsleepError(f"the model is asleep (level {self.weights.sleep_level}); wake it before generating")
+

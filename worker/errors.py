@@ -64,3 +64,15 @@ class BusyError(StateError):
 
 class ClosedError(StateError):
     """The engine was closed."""
+
+
+class QueueFullError(KsleepError):
+    """The queue of requests waiting for the batch is at its limit (--max-queue)."""
+
+    status = "RESOURCE_EXHAUSTED"
+
+
+class SleepAbortError(KsleepError):
+    """The request was cancelled because the model was put to sleep with abort."""
+
+    status = "ABORTED"

@@ -1,20 +1,14 @@
-"""Token-by-token generation: sampling, incremental detokenisation, stop strings and timings."""
+"""What a generation takes and gives: sampling parameters, token events, completions, and the per-request writer
+that turns sampled ids into text (incremental detokenisation, stop strings, finish reasons)."""
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-import torch
 from tokenizers.decoders import DecodeStream
 from ksleep.v1 import common_pb2
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 FINISH_LENGTH, FINISH_EOS, FINISH_STOP = "length", "eos", "stop"
 _FINISH_TO_PB = {None: common_pb2.FINISH_REASON_UNSPECIFIED, FINISH_LENGTH: common_pb2.FINISH_REASON_LENGTH,
@@ -126,92 +120,36 @@ class _StopScanner:
         return out
 
 
-def _sampler(params: SamplingParams, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if params.greedy:
-        return lambda ids, logits: logits.argmax(dim=-1)
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(float(params.temperature))])
-    if params.top_k:
-        warpers.append(TopKLogitsWarper(params.top_k))
-    if params.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(float(params.top_p)))
-    gen = torch.Generator(device=device)
-    if params.seed is not None:
-        gen.manual_seed(params.seed)
-    else:
-        gen.seed()
+class TokenWriter:
+    """Turns one request's sampled ids into TokenEvents: incremental detokenisation (never a broken UTF-8
+    sequence), stop strings (held back until they can be told apart) and the finish reason."""
 
-    def sample(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(warpers(ids, logits.float()), dim=-1)
-        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    __slots__ = ("params", "eos_ids", "started", "index", "_backend", "_decoder", "_scanner")
 
-    return sample
+    def __init__(self, tokenizer, params: SamplingParams, eos_ids: frozenset[int], started: float):
+        self.params, self.eos_ids, self.started = params, eos_ids, started
+        self.index = 0
+        self._backend = tokenizer.backend_tokenizer
+        self._decoder = DecodeStream(skip_special_tokens=True)
+        self._scanner = _StopScanner(params.stop)
 
+    def ends(self, token_id: int, count: int) -> str | None:
+        """The finish reason that follows from the id alone (EOS, or the `count`-th token reaching max_tokens):
+        known without detokenising. Stop strings are found by `push`."""
+        if token_id in self.eos_ids and not self.params.ignore_eos:
+            return FINISH_EOS
+        return FINISH_LENGTH if count >= self.params.max_tokens else None
 
-def stream_tokens(
-    forward: Callable[[torch.Tensor, bool], torch.Tensor],
-    tokenizer,
-    prompt_ids: list[int],
-    params: SamplingParams,
-    eos_ids: frozenset[int],
-    device: torch.device,
-    started: float,
-) -> Iterator[TokenEvent]:
-    """Generate up to params.max_tokens tokens after `prompt_ids`.
-
-    `forward(input_ids, is_prefill)` runs the model on new tokens (continuing its KV cache) and returns the
-    last position's logits, shape [1, vocab]; the caller owns the cache and the locking around each step.
-    """
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    sample = _sampler(params, device)
-    decoder = DecodeStream(skip_special_tokens=True)
-    backend = tokenizer.backend_tokenizer
-    scanner = _StopScanner(params.stop)
-    logits = forward(ids, True)
-    for index in range(params.max_tokens):
-        token = sample(ids, logits)
-        token_id = int(token.item())
-        elapsed = time.perf_counter() - started
-        finish = None
-        if token_id in eos_ids and not params.ignore_eos:
-            text, finish = scanner.flush(), FINISH_EOS
+    def push(self, token_id: int, now: float | None = None) -> TokenEvent:
+        index, self.index = self.index, self.index + 1
+        elapsed = (time.perf_counter() if now is None else now) - self.started
+        finish = self.ends(token_id, index + 1)
+        if finish == FINISH_EOS:
+            text = self._scanner.flush()
         else:
-            text, hit = scanner.feed(decoder.step(backend, token_id) or "")
+            text, hit = self._scanner.feed(self._decoder.step(self._backend, token_id) or "")
             if hit:
                 finish = FINISH_STOP
-            elif index == params.max_tokens - 1:
-                text, finish = text + scanner.flush(), FINISH_LENGTH
-        yield TokenEvent(index, token_id, text, finish, elapsed)
-        if finish:
-            return
-        if not params.greedy:
-            ids = torch.cat([ids, token.view(1, 1)], dim=1)  # warpers may look at the history
-        logits = forward(token.view(1, 1), False)
-
-
-class TokenStream(Iterator[TokenEvent]):
-    """The iterator `Engine.generate` returns: its claim (a stream slot, perhaps the graph decoder) is given back
-    exactly once, when it ends, fails or is closed, even if it was closed before it ever started."""
-
-    def __init__(self, events: Iterator[TokenEvent], release: Callable[[], None]):
-        self._events, self._on_release = events, release
-
-    def _release(self) -> None:
-        release, self._on_release = self._on_release, None
-        if release is not None:
-            release()
-
-    def __next__(self) -> TokenEvent:
-        try:
-            return next(self._events)
-        except BaseException:
-            self._release()
-            raise
-
-    def close(self) -> None:
-        try:
-            self._events.close()
-        finally:
-            self._release()
-
-    def __del__(self) -> None:
-        self.close()
+            elif finish == FINISH_LENGTH:
+                text += self._scanner.flush()
+        return TokenEvent(index, token_id, text, finish, elapsed)

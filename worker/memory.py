@@ -56,7 +56,7 @@ def measure(device: torch.device, *, arena_bytes: int, weight_bytes: int, reside
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         reserved = torch.cuda.memory_reserved(device)
-        # the static KV cache (scratch) counts as cache; with VMM it is outside torch's allocator
+        # the batch KV cache (scratch) counts as cache; with VMM it is outside torch's allocator
         cache = max(0, reserved - resident_bytes) if arena_in_torch_allocator else reserved + scratch_bytes
         return MemoryReport(arena_bytes, weight_bytes, resident_bytes, cache, total - free, total,
                             nvml_process_bytes(device, os.getpid()), mirror_bytes, rss)

@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -47,19 +46,18 @@ async def _serve(settings: forkserver_pb2.WorkerSettings, prepared: PreparedMode
         loop.add_signal_handler(sig, stop.set)
     _watch_supervisor(settings.supervisor_pid, stop)
     config = WorkerConfig.from_pb(settings)
-    engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")  # all torch work, see service.py
-    try:
-        engine = await loop.run_in_executor(engine_thread, lambda: Engine.load(config, prepared, awake=not settings.start_asleep))
+    try:  # all torch work runs on the engine's own thread; these calls wait for it
+        engine = await asyncio.to_thread(Engine.load, config, prepared, not settings.start_asleep)
         if settings.standby:  # a spare: its kernels were loaded by the warm-up above; now give the device back,
-            await loop.run_in_executor(engine_thread, engine.sleep, 1)  # and be ready only once a promotion's
-            await loop.run_in_executor(engine_thread, engine.wait_pinned)  # wake copies at full speed
+            await asyncio.to_thread(engine.sleep, 1)  # and be ready only once a promotion's
+            await asyncio.to_thread(engine.wait_pinned)  # wake copies at full speed
     except Exception as exc:
         _report_load_error(settings.socket_path, exc)
         raise
     if stop.is_set():
         engine.close()
         return 0
-    service = WorkerService(engine, engine_thread)
+    service = WorkerService(engine)
     server = grpc.aio.server(interceptors=[ErrorInterceptor()],
                              options=[("grpc.max_receive_message_length", 64 << 20)])
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
@@ -79,8 +77,7 @@ async def _serve(settings: forkserver_pb2.WorkerSettings, prepared: PreparedMode
     log.info("stopping")
     await health.enter_graceful_shutdown()
     await server.stop(GRACE_SECONDS)
-    await loop.run_in_executor(engine_thread, engine.close)  # the pool stays for the next worker
-    engine_thread.shutdown()
+    await asyncio.to_thread(engine.close)  # the pool stays for the next worker
     socket.unlink(missing_ok=True)
     return 0
 

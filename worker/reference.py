@@ -3,13 +3,13 @@
 """
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from .engine import Engine
-from .generation import SamplingParams, stream_tokens
 
 
 def _sync(device: torch.device) -> None:
@@ -31,8 +31,10 @@ class ReferenceModel:
         self.device = engine.device
         self.tokenizer, self.eos_ids, self.encode = engine.tokenizer, engine.eos_ids, engine.encode
         state = {k: v.clone() for k, v in engine.model.state_dict().items()}
+        config = copy.deepcopy(engine.skeleton.config)  # the engine's own attends through its batch KV cache
+        config._attn_implementation = "sdpa"
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(engine.skeleton.config, dtype=engine.config.torch_dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=engine.config.torch_dtype)
         model.load_state_dict(state, assign=True, strict=False)
         model.tie_weights()
         for name, buf in engine.skeleton.buffer_values().items():
@@ -40,16 +42,19 @@ class ReferenceModel:
             model.get_submodule(owner)._buffers[attr] = buf.to(self.device)
         self.model = model.eval()
 
+    @torch.inference_mode()
     def generate(self, prompt: str, tokens: int) -> list[int]:
+        """Greedy ids, one forward per token over a DynamicCache, stopping at EOS like the engine."""
         cache = DynamicCache(config=self.model.config)
-
-        def forward(ids, prefill):
-            with torch.inference_mode():
-                return self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
-
-        events = stream_tokens(forward, self.tokenizer, self.encode(prompt, tokens), SamplingParams(max_tokens=tokens),
-                               self.eos_ids, self.device, time.perf_counter())
-        return [e.token_id for e in events]
+        ids = torch.tensor([self.encode(prompt, tokens)], device=self.device)
+        out: list[int] = []
+        while len(out) < tokens:
+            logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            out.append(int(logits[0, -1].argmax()))
+            if out[-1] in self.eos_ids:
+                break
+            ids = torch.tensor([[out[-1]]], device=self.device)
+        return out
 
     def measure(self, prompt: str, tokens: int, baseline: list[int]) -> dict:
         """Sleep (.to('cpu')), then wake (.to(device)) + first token, like a user of the reference would."""

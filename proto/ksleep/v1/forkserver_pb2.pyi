@@ -6,7 +6,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerSettings(_message.Message):
-    __slots__ = ("model", "device", "dtype", "keep_layers", "cache_dir", "model_dir", "shm_dir", "pool_prefix", "vmm", "trust_remote_code", "socket_path", "supervisor_pid", "start_asleep", "log_level", "decode_graphs", "graph_tokens", "standby", "skip_wake_checksums")
+    __slots__ = ("model", "device", "dtype", "keep_layers", "cache_dir", "model_dir", "shm_dir", "pool_prefix", "vmm", "trust_remote_code", "socket_path", "supervisor_pid", "start_asleep", "log_level", "cuda_graphs", "standby", "skip_wake_checksums", "kv_cache", "max_batch", "max_queue", "prefill_chunk")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -21,10 +21,13 @@ class WorkerSettings(_message.Message):
     SUPERVISOR_PID_FIELD_NUMBER: _ClassVar[int]
     START_ASLEEP_FIELD_NUMBER: _ClassVar[int]
     LOG_LEVEL_FIELD_NUMBER: _ClassVar[int]
-    DECODE_GRAPHS_FIELD_NUMBER: _ClassVar[int]
-    GRAPH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPHS_FIELD_NUMBER: _ClassVar[int]
     STANDBY_FIELD_NUMBER: _ClassVar[int]
     SKIP_WAKE_CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CHUNK_FIELD_NUMBER: _ClassVar[int]
     model: str
     device: str
     dtype: str
@@ -39,11 +42,14 @@ class WorkerSettings(_message.Message):
     supervisor_pid: int
     start_asleep: bool
     log_level: str
-    decode_graphs: str
-    graph_tokens: int
+    cuda_graphs: str
     standby: bool
     skip_wake_checksums: bool
-    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., keep_layers: _Optional[int] = ..., cache_dir: _Optional[str] = ..., model_dir: _Optional[str] = ..., shm_dir: _Optional[str] = ..., pool_prefix: _Optional[str] = ..., vmm: _Optional[str] = ..., trust_remote_code: _Optional[bool] = ..., socket_path: _Optional[str] = ..., supervisor_pid: _Optional[int] = ..., start_asleep: _Optional[bool] = ..., log_level: _Optional[str] = ..., decode_graphs: _Optional[str] = ..., graph_tokens: _Optional[int] = ..., standby: _Optional[bool] = ..., skip_wake_checksums: _Optional[bool] = ...) -> None: ...
+    kv_cache: str
+    max_batch: int
+    max_queue: int
+    prefill_chunk: int
+    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., keep_layers: _Optional[int] = ..., cache_dir: _Optional[str] = ..., model_dir: _Optional[str] = ..., shm_dir: _Optional[str] = ..., pool_prefix: _Optional[str] = ..., vmm: _Optional[str] = ..., trust_remote_code: _Optional[bool] = ..., socket_path: _Optional[str] = ..., supervisor_pid: _Optional[int] = ..., start_asleep: _Optional[bool] = ..., log_level: _Optional[str] = ..., cuda_graphs: _Optional[str] = ..., standby: _Optional[bool] = ..., skip_wake_checksums: _Optional[bool] = ..., kv_cache: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., prefill_chunk: _Optional[int] = ...) -> None: ...
 
 class ForkRequest(_message.Message):
     __slots__ = ("settings",)

@@ -94,7 +94,7 @@ class MemorySample(_message.Message):
     def __init__(self, at_unix: _Optional[float] = ..., state: _Optional[_Union[_common_pb2.State, str]] = ..., device_used_bytes: _Optional[int] = ..., worker_device_bytes: _Optional[int] = ..., pool_bytes: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("state", "sleep_level", "model", "device", "weight_bytes", "device_used_bytes", "device_total_bytes", "worker_device_bytes", "pool_bytes", "worker_pid", "restarts", "in_flight", "idle_seconds", "idle_timeout_seconds", "last_sleep", "last_wake", "last_ttft_seconds", "sleeps_total", "wakes_total", "memory_source", "worker_load_source", "uptime_seconds", "configured_sleep_level", "version", "history", "last_restart", "worker_load_seconds", "worker_load_phases", "standby_pid")
+    __slots__ = ("state", "sleep_level", "model", "device", "weight_bytes", "device_used_bytes", "device_total_bytes", "worker_device_bytes", "pool_bytes", "worker_pid", "restarts", "in_flight", "idle_seconds", "idle_timeout_seconds", "last_sleep", "last_wake", "last_ttft_seconds", "sleeps_total", "wakes_total", "memory_source", "worker_load_source", "uptime_seconds", "configured_sleep_level", "version", "history", "last_restart", "worker_load_seconds", "worker_load_phases", "standby_pid", "batch")
     class WorkerLoadPhasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class StatusResponse(_message.Message):
     WORKER_LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WORKER_LOAD_PHASES_FIELD_NUMBER: _ClassVar[int]
     STANDBY_PID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     state: _common_pb2.State
     sleep_level: int
     model: str
@@ -160,4 +161,5 @@ class StatusResponse(_message.Message):
     worker_load_seconds: float
     worker_load_phases: _containers.ScalarMap[str, float]
     standby_pid: int
-    def __init__(self, state: _Optional[_Union[_common_pb2.State, str]] = ..., sleep_level: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., device_used_bytes: _Optional[int] = ..., device_total_bytes: _Optional[int] = ..., worker_device_bytes: _Optional[int] = ..., pool_bytes: _Optional[int] = ..., worker_pid: _Optional[int] = ..., restarts: _Optional[int] = ..., in_flight: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., idle_timeout_seconds: _Optional[float] = ..., last_sleep: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., last_wake: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., last_ttft_seconds: _Optional[float] = ..., sleeps_total: _Optional[int] = ..., wakes_total: _Optional[int] = ..., memory_source: _Optional[str] = ..., worker_load_source: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., configured_sleep_level: _Optional[int] = ..., version: _Optional[str] = ..., history: _Optional[_Iterable[_Union[MemorySample, _Mapping]]] = ..., last_restart: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., worker_load_seconds: _Optional[float] = ..., worker_load_phases: _Optional[_Mapping[str, float]] = ..., standby_pid: _Optional[int] = ...) -> None: ...
+    batch: _common_pb2.BatchStats
+    def __init__(self, state: _Optional[_Union[_common_pb2.State, str]] = ..., sleep_level: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., device_used_bytes: _Optional[int] = ..., device_total_bytes: _Optional[int] = ..., worker_device_bytes: _Optional[int] = ..., pool_bytes: _Optional[int] = ..., worker_pid: _Optional[int] = ..., restarts: _Optional[int] = ..., in_flight: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., idle_timeout_seconds: _Optional[float] = ..., last_sleep: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., last_wake: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., last_ttft_seconds: _Optional[float] = ..., sleeps_total: _Optional[int] = ..., wakes_total: _Optional[int] = ..., memory_source: _Optional[str] = ..., worker_load_source: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., configured_sleep_level: _Optional[int] = ..., version: _Optional[str] = ..., history: _Optional[_Iterable[_Union[MemorySample, _Mapping]]] = ..., last_restart: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., worker_load_seconds: _Optional[float] = ..., worker_load_phases: _Optional[_Mapping[str, float]] = ..., standby_pid: _Optional[int] = ..., batch: _Optional[_Union[_common_pb2.BatchStats, _Mapping]] = ...) -> None: ...

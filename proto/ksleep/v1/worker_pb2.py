@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ksleep.v1 import common_pb2 as ksleep_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ksleep/v1/worker.proto\x12\tksleep.v1\x1a\x16ksleep/v1/common.proto\"{\n\x15WorkerGenerateRequest\x12!\n\x06prompt\x18\x01 \x01(\x0b\x32\x11.ksleep.v1.Prompt\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.ksleep.v1.SamplingParams\x12\x14\n\x0c\x61rrived_unix\x18\x03 \x01(\x01\"P\n\x16WorkerGenerateResponse\x12\x1f\n\x05token\x18\x01 \x01(\x0b\x32\x10.ksleep.v1.Token\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\"#\n\x12WorkerSleepRequest\x12\r\n\x05level\x18\x01 \x01(\r\";\n\x13WorkerSleepResponse\x12$\n\x05sleep\x18\x01 \x01(\x0b\x32\x15.ksleep.v1.Transition\"$\n\x11WorkerWakeRequest\x12\x0f\n\x07overlap\x18\x01 \x01(\x08\"9\n\x12WorkerWakeResponse\x12#\n\x04wake\x18\x01 \x01(\x0b\x32\x15.ksleep.v1.Transition\"\x15\n\x13WorkerStatusRequest\"\xac\x03\n\x14WorkerStatusResponse\x12\x1f\n\x05state\x18\x01 \x01(\x0e\x32\x10.ksleep.v1.State\x12\x13\n\x0bsleep_level\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65vice_uuid\x18\x05 \x01(\t\x12!\n\x06memory\x18\x06 \x01(\x0b\x32\x11.ksleep.v1.Memory\x12\x0b\n\x03pid\x18\x07 \x01(\r\x12\x11\n\tpool_name\x18\x08 \x01(\t\x12\x13\n\x0bload_source\x18\t \x01(\t\x12\x14\n\x0cload_seconds\x18\n \x01(\x01\x12\x44\n\x0bload_phases\x18\x0b \x03(\x0b\x32/.ksleep.v1.WorkerStatusResponse.LoadPhasesEntry\x12\x18\n\x10stable_addresses\x18\x0c \x01(\x08\x12\x11\n\tin_flight\x18\r \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x0e \x01(\r\x1a\x31\n\x0fLoadPhasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xb3\x02\n\x06Worker\x12Q\n\x08Generate\x12 .ksleep.v1.WorkerGenerateRequest\x1a!.ksleep.v1.WorkerGenerateResponse0\x01\x12\x46\n\x05Sleep\x12\x1d.ksleep.v1.WorkerSleepRequest\x1a\x1e.ksleep.v1.WorkerSleepResponse\x12\x43\n\x04Wake\x12\x1c.ksleep.v1.WorkerWakeRequest\x1a\x1d.ksleep.v1.WorkerWakeResponse\x12I\n\x06Status\x12\x1e.ksleep.v1.WorkerStatusRequest\x1a\x1f.ksleep.v1.WorkerStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ksleep/v1/worker.proto\x12\tksleep.v1\x1a\x16ksleep/v1/common.proto\"{\n\x15WorkerGenerateRequest\x12!\n\x06prompt\x18\x01 \x01(\x0b\x32\x11.ksleep.v1.Prompt\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.ksleep.v1.SamplingParams\x12\x14\n\x0c\x61rrived_unix\x18\x03 \x01(\x01\"P\n\x16WorkerGenerateResponse\x12\x1f\n\x05token\x18\x01 \x01(\x0b\x32\x10.ksleep.v1.Token\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\"#\n\x12WorkerSleepRequest\x12\r\n\x05level\x18\x01 \x01(\r\";\n\x13WorkerSleepResponse\x12$\n\x05sleep\x18\x01 \x01(\x0b\x32\x15.ksleep.v1.Transition\">\n\x11WorkerWakeRequest\x12\x0f\n\x07overlap\x18\x01 \x01(\x08\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\"9\n\x12WorkerWakeResponse\x12#\n\x04wake\x18\x01 \x01(\x0b\x32\x15.ksleep.v1.Transition\"\x15\n\x13WorkerStatusRequest\"\xd2\x03\n\x14WorkerStatusResponse\x12\x1f\n\x05state\x18\x01 \x01(\x0e\x32\x10.ksleep.v1.State\x12\x13\n\x0bsleep_level\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65vice_uuid\x18\x05 \x01(\t\x12!\n\x06memory\x18\x06 \x01(\x0b\x32\x11.ksleep.v1.Memory\x12\x0b\n\x03pid\x18\x07 \x01(\r\x12\x11\n\tpool_name\x18\x08 \x01(\t\x12\x13\n\x0bload_source\x18\t \x01(\t\x12\x14\n\x0cload_seconds\x18\n \x01(\x01\x12\x44\n\x0bload_phases\x18\x0b \x03(\x0b\x32/.ksleep.v1.WorkerStatusResponse.LoadPhasesEntry\x12\x18\n\x10stable_addresses\x18\x0c \x01(\x08\x12\x11\n\tin_flight\x18\r \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x0e \x01(\r\x12$\n\x05\x62\x61tch\x18\x0f \x01(\x0b\x32\x15.ksleep.v1.BatchStats\x1a\x31\n\x0fLoadPhasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xb3\x02\n\x06Worker\x12Q\n\x08Generate\x12 .ksleep.v1.WorkerGenerateRequest\x1a!.ksleep.v1.WorkerGenerateResponse0\x01\x12\x46\n\x05Sleep\x12\x1d.ksleep.v1.WorkerSleepRequest\x1a\x1e.ksleep.v1.WorkerSleepResponse\x12\x43\n\x04Wake\x12\x1c.ksleep.v1.WorkerWakeRequest\x1a\x1d.ksleep.v1.WorkerWakeResponse\x12I\n\x06Status\x12\x1e.ksleep.v1.WorkerStatusRequest\x1a\x1f.ksleep.v1.WorkerStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,15 +43,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERSLEEPRESPONSE']._serialized_start=305
   _globals['_WORKERSLEEPRESPONSE']._serialized_end=364
   _globals['_WORKERWAKEREQUEST']._serialized_start=366
-  _globals['_WORKERWAKEREQUEST']._serialized_end=402
-  _globals['_WORKERWAKERESPONSE']._serialized_start=404
-  _globals['_WORKERWAKERESPONSE']._serialized_end=461
-  _globals['_WORKERSTATUSREQUEST']._serialized_start=463
-  _globals['_WORKERSTATUSREQUEST']._serialized_end=484
-  _globals['_WORKERSTATUSRESPONSE']._serialized_start=487
-  _globals['_WORKERSTATUSRESPONSE']._serialized_end=915
-  _globals['_WORKERSTATUSRESPONSE_LOADPHASESENTRY']._serialized_start=866
-  _globals['_WORKERSTATUSRESPONSE_LOADPHASESENTRY']._serialized_end=915
-  _globals['_WORKER']._serialized_start=918
-  _globals['_WORKER']._serialized_end=1225
+  _globals['_WORKERWAKEREQUEST']._serialized_end=428
+  _globals['_WORKERWAKERESPONSE']._serialized_start=430
+  _globals['_WORKERWAKERESPONSE']._serialized_end=487
+  _globals['_WORKERSTATUSREQUEST']._serialized_start=489
+  _globals['_WORKERSTATUSREQUEST']._serialized_end=510
+  _globals['_WORKERSTATUSRESPONSE']._serialized_start=513
+  _globals['_WORKERSTATUSRESPONSE']._serialized_end=979
+  _globals['_WORKERSTATUSRESPONSE_LOADPHASESENTRY']._serialized_start=930
+  _globals['_WORKERSTATUSRESPONSE_LOADPHASESENTRY']._serialized_end=979
+  _globals['_WORKER']._serialized_start=982
+  _globals['_WORKER']._serialized_end=1289
 # @@protoc_insertion_point(module_scope)

@@ -38,10 +38,12 @@ class WorkerSleepResponse(_message.Message):
     def __init__(self, sleep: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ...) -> None: ...
 
 class WorkerWakeRequest(_message.Message):
-    __slots__ = ("overlap",)
+    __slots__ = ("overlap", "waiting_requests")
     OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     overlap: bool
-    def __init__(self, overlap: _Optional[bool] = ...) -> None: ...
+    waiting_requests: int
+    def __init__(self, overlap: _Optional[bool] = ..., waiting_requests: _Optional[int] = ...) -> None: ...
 
 class WorkerWakeResponse(_message.Message):
     __slots__ = ("wake",)
@@ -54,7 +56,7 @@ class WorkerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatusResponse(_message.Message):
-    __slots__ = ("state", "sleep_level", "model", "device", "device_uuid", "memory", "pid", "pool_name", "load_source", "load_seconds", "load_phases", "stable_addresses", "in_flight", "context_tokens")
+    __slots__ = ("state", "sleep_level", "model", "device", "device_uuid", "memory", "pid", "pool_name", "load_source", "load_seconds", "load_phases", "stable_addresses", "in_flight", "context_tokens", "batch")
     class LoadPhasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +78,7 @@ class WorkerStatusResponse(_message.Message):
     STABLE_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     state: _common_pb2.State
     sleep_level: int
     model: str
@@ -90,4 +93,5 @@ class WorkerStatusResponse(_message.Message):
     stable_addresses: bool
     in_flight: int
     context_tokens: int
-    def __init__(self, state: _Optional[_Union[_common_pb2.State, str]] = ..., sleep_level: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., device_uuid: _Optional[str] = ..., memory: _Optional[_Union[_common_pb2.Memory, _Mapping]] = ..., pid: _Optional[int] = ..., pool_name: _Optional[str] = ..., load_source: _Optional[str] = ..., load_seconds: _Optional[float] = ..., load_phases: _Optional[_Mapping[str, float]] = ..., stable_addresses: _Optional[bool] = ..., in_flight: _Optional[int] = ..., context_tokens: _Optional[int] = ...) -> None: ...
+    batch: _common_pb2.BatchStats
+    def __init__(self, state: _Optional[_Union[_common_pb2.State, str]] = ..., sleep_level: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., device_uuid: _Optional[str] = ..., memory: _Optional[_Union[_common_pb2.Memory, _Mapping]] = ..., pid: _Optional[int] = ..., pool_name: _Optional[str] = ..., load_source: _Optional[str] = ..., load_seconds: _Optional[float] = ..., load_phases: _Optional[_Mapping[str, float]] = ..., stable_addresses: _Optional[bool] = ..., in_flight: _Optional[int] = ..., context_tokens: _Optional[int] = ..., batch: _Optional[_Union[_common_pb2.BatchStats, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,178 @@
+"""The scheduler: which sequences run, and what each step feeds them.
+
+Every step it admits waiting sequences in arrival order while a batch slot and a cache extent are free (a
+sequence that cannot have one waits, and so do those behind it: no request is overtaken), then builds one packed
+forward: a token for every decoding sequence, and prompt tokens of the sequences still prefilling. While any
+sequence decodes, a step feeds at most `prefill_chunk` tokens in all, so that a long prompt delays the running
+decodes by one chunk per step, never by its whole length; with nothing decoding, a step takes up to
+IDLE_STEP_TOKENS of prompt (nobody is waiting on it).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .errors import QueueFullError
+from .kvcache import KVCache
+from .runner import Batch
+from .sequence import FINISH_ABORT, FINISH_ERROR, Sequence
+
+IDLE_STEP_TOKENS = 8192
+PREFILL_FLOOR = 32  # prompt tokens a step always takes beside any number of decodes
+
+
+@dataclass(slots=True)
+class Step:
+    rows: list[Sequence]
+    q_lens: list[int]
+    batch: Batch
+    sampled: list[int]  # indexes of the rows whose last token's logits give a new token this step
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    running: int
+    waiting: int
+    kv_tokens: int  # positions in the cache
+    kv_used_tokens: int  # positions held by running sequences' extents
+    steps: int
+    tokens: int  # tokens sampled so far
+    queue_limit: int
+    batch_limit: int
+
+    def to_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@dataclass(slots=True)
+class Scheduler:
+    cache: KVCache
+    max_batch: int
+    max_queue: int
+    prefill_chunk: int
+    waiting: deque = field(default_factory=deque)
+    running: list = field(default_factory=list)
+    steps: int = 0
+    tokens: int = 0
+
+    def check(self, seq: Sequence) -> None:
+        """Refuse at once what can never run (ValueError) or cannot queue now (QueueFullError)."""
+        need, limit = seq.reserve_tokens, self.cache.usable_tokens
+        if need > limit:
+            raise ValueError(f"the request needs {need} KV cache positions (prompt {len(seq.prompt)} + max_tokens "
+                             f"{seq.params.max_tokens} + 1) but the cache holds at most {limit} for one request")
+        if len(self.waiting) >= self.max_queue:
+            raise QueueFullError(f"{len(self.waiting)} requests are already waiting for the batch (limit "
+                                 f"{self.max_queue}); try again shortly")
+
+    def add(self, seq: Sequence) -> None:
+        self.check(seq)
+        self.waiting.append(seq)
+
+    def abort(self, seq: Sequence) -> bool:
+        """End `seq` now (no step is in flight when this is called); False when it had already ended."""
+        if seq.finish is not None:
+            return False
+        seq.finish = FINISH_ABORT
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        else:
+            self.retire(seq)
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(len(self.running), len(self.waiting), self.cache.tokens, self.cache.extents.used,
+                              self.steps, self.tokens, self.max_queue, self.max_batch)
+
+    # -- one step ---------------------------------------------------------------------------------------------
+    def plan(self) -> Step | None:
+        self._admit()
+        if not self.running:
+            return None
+        decodes = [s for s in self.running if not s.prefilling]
+        budget = max(self.prefill_chunk - len(decodes), PREFILL_FLOOR) if decodes else IDLE_STEP_TOKENS
+        rows: list[Sequence] = []
+        feeds: list[list[int]] = []
+        for seq in decodes:
+            rows.append(seq)
+            feeds.append(seq.output[-1:])
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if seq.prefilling:
+                feed = seq.next_input(budget)
+                rows.append(seq)
+                feeds.append(feed)
+                budget -= len(feed)
+        tokens, positions, slots, q_lens, starts, lens, sampled = [], [], [], [], [], [], []
+        for i, (seq, feed) in enumerate(zip(rows, feeds)):
+            first = seq.cached
+            n = len(feed)
+            tokens += feed
+            positions += range(first, first + n)
+            slots += range(seq.extent + first, seq.extent + first + n)
+            q_lens.append(n)
+            starts.append(seq.extent)
+            lens.append(first + n)
+            if first + n >= len(seq.prompt):  # caught up: this row's last logits give the next token
+                sampled.append(i)
+        return Step(rows, q_lens, Batch(tokens, positions, slots, q_lens, starts, lens), sampled)
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting[0]
+            start = self.cache.extents.reserve(seq.reserve_tokens)
+            if start is None:
+                return  # the cache is full: it waits (and so does everyone behind it) for an extent to be freed
+            self.waiting.popleft()
+            seq.extent = start
+            self.running.append(seq)
+
+    def complete(self, step: Step, tokens: list[int | BaseException]) -> list[tuple[Sequence, int | BaseException]]:
+        """Account the step: `tokens[j]` is the outcome of row `step.sampled[j]` (an id, or the error that row's
+        sampling raised). Returns (sequence, outcome) for the rows of sequences still live; those that end here (EOS,
+        max_tokens, an error) leave the batch now, and so do sequences that ended while the step ran (a stop string,
+        a cancel): their outcome is dropped."""
+        self.steps += 1
+        live: list[tuple[Sequence, int | BaseException]] = []
+        outcome = dict(zip(step.sampled, tokens))
+        for i, (seq, n) in enumerate(zip(step.rows, step.q_lens)):
+            if seq.finish is not None:
+                self.retire(seq)
+                continue
+            seq.cached += n
+            if i not in outcome:
+                continue
+            token = outcome[i]
+            live.append((seq, token))
+            if isinstance(token, BaseException):
+                seq.finish = FINISH_ERROR
+            else:
+                self.tokens += 1
+                seq.output.append(token)
+                seq.finish = seq.writer.ends(token, len(seq.output))
+            if seq.finish is not None:
+                self.retire(seq)
+        return live
+
+    def retire(self, seq: Sequence) -> None:
+        """Take a finished sequence out of the batch and free its extent (safe while a step that wrote into it is
+        still in flight: the next admission's writes queue behind that step on the same stream)."""
+        if seq.extent is not None:
+            self.cache.extents.release(seq.extent)
+            seq.extent = None
+        if seq in self.running:
+            self.running.remove(seq)
+
+    def drain(self) -> list[Sequence]:
+        """End every sequence (the engine is sleeping with abort, or stopping); returns them for their streams."""
+        ended = [*self.running, *self.waiting]
+        for seq in ended:
+            seq.finish = FINISH_ABORT
+            self.retire(seq)
+        self.waiting.clear()
+        return ended
