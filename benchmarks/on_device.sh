@@ -15,7 +15,8 @@ export PYTHONPATH="$src:$root${PYTHONPATH:+:$PYTHONPATH}"
 # What the image lacks (FastAPI, uvicorn, pydantic, the gRPC health and reflection services, openai) comes from
 # the wheels carried in _carry/wheels, unpacked into a folder of their own ahead of the image's packages.
 if compgen -G "$root/_carry/wheels/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ksleep-site "$root"/_carry/wheels/*.whl
-  export PYTHONPATH="/tmp/ksleep-site:$PYTHONPATH"
+  site=/tmp/ksleep-site-$(ls "$root/_carry/wheels" | md5sum | cut -c1-8)  # unpacked once per set of wheels
+  [ -d "$site" ] || python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$root"/_carry/wheels/*.whl
+  export PYTHONPATH="$site:$PYTHONPATH"
 fi
 exec "$@"

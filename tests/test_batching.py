@@ -245,7 +245,7 @@ def test_gather_attention_matches_dense_attention_per_sequence_with_a_sliding_wi
 
 def test_the_runner_picks_the_smallest_graph_that_holds_a_step():
     runner = ModelRunner.__new__(ModelRunner)
-    runner.seq_sizes, runner.token_sizes = (1, 2, 4, 8, 9), (1, 2, 4, 8, 16, 32)
+    runner.seq_sizes, runner.token_sizes = (1, 2, 4, 8, 9), (1, 2, 4, 8, 16, 32)  # what sizes_up_to gives
     decode = Batch([1] * 3, [0] * 3, [0] * 3, [1] * 3, [0] * 3, [1] * 3)
     assert runner._graph_shape(decode) == (4, 4, True)
     mixed = Batch([1] * 12, [0] * 12, [0] * 12, [10, 1, 1], [0] * 3, [1] * 3)

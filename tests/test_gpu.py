@@ -173,7 +173,8 @@ def test_without_stable_addresses_the_graphs_are_captured_again_after_a_wake(gpu
     captures = engine.runner.captures
     engine.sleep(1)
     engine.wake(overlap=True)
-    assert engine.complete(PROMPT, GREEDY).token_ids == baseline
+    for _ in range(2):  # the first prefill runs eagerly behind the copy; the second replays its graph again
+        assert engine.complete(PROMPT, GREEDY).token_ids == baseline
     assert engine.runner.captures == 2 * captures
 
 

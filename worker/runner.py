@@ -28,7 +28,9 @@ from .kvcache import KVCache
 log = logging.getLogger(__name__)
 
 # Bucket sizes (tokens per step, sequences per step): a step runs in the graph of the smallest that holds it.
-SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+# Powers of two: up to a few hundred tokens a step costs about one read of the weights whatever its size, so
+# padding is nearly free, and few buckets mean few captures.
+SIZES = tuple(1 << i for i in range(13))
 
 
 @dataclass(slots=True)
@@ -131,9 +133,8 @@ class ModelRunner:
         current = torch.cuda.current_stream(self.device)
         self._warm_stream.wait_stream(current)
         with torch.cuda.stream(self._warm_stream):  # lazy initialisation must not happen inside the capture
-            for _ in range(2):
-                static.convert(tokens, seqs)
-                self._logits(*args, out=static.logits[:seqs])
+            static.convert(tokens, seqs)
+            self._logits(*args, out=static.logits[:seqs])
         current.wait_stream(self._warm_stream)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
