@@ -56,6 +56,23 @@ def test_the_same_set_of_requests_gives_the_same_tokens_before_and_after_a_sleep
         assert together(engine, jobs) == before
 
 
+def test_decode_steps_are_queued_ahead_and_a_stop_found_late_drops_the_extra_token(open_engine):
+    engine = open_engine(dtype="float32")
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    text = engine.complete(PROMPT, params).text
+    stop = text[10:13]  # a stop string the output reaches mid-way
+    jobs = [(PROMPT, SamplingParams(max_tokens=30, ignore_eos=True, stop=[stop])), ("Hello", params)]
+    queued = engine.stats().queued_ahead
+    events = [list(s) for s in [engine.generate(p, q) for p, q in jobs]]
+    assert engine.stats().queued_ahead - queued > 20  # the decode steps were queued ahead
+    engine._pipeline = False  # every step accounted before the next is planned
+    serial = [list(s) for s in [engine.generate(p, q) for p, q in jobs]]
+    assert [[(e.token_id, e.text, e.finish_reason) for e in run] for run in events] == \
+           [[(e.token_id, e.text, e.finish_reason) for e in run] for run in serial]
+    assert events[0][-1].finish_reason == "stop" and "".join(e.text for e in events[0]) == text[: text.index(stop)]
+    assert len(events[1]) == 30 and engine.kv_cache.extents.used == 0
+
+
 def test_requests_join_and_leave_mid_batch(open_engine):
     engine = open_engine(dtype="float32")
     long, short = SamplingParams(max_tokens=40, ignore_eos=True), SamplingParams(max_tokens=6)

@@ -32,8 +32,8 @@ from .prepared import PreparedModel
 from .prompt import PromptEncoder
 from .reports import LoadReport, Phases, SleepResult, WakeResult
 from .runner import Batch, ModelRunner
-from .sampler import Sampler
-from .scheduler import Scheduler, SchedulerStats
+from .sampler import Draw, Sampler
+from .scheduler import Scheduler, SchedulerStats, Step
 from .sequence import Outbox, RequestStream, Sequence
 from .weights import WeightState, WeightStore
 
@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 EngineState = WeightState
 GATHER_SECONDS = 0.05  # the most a wake holds its first step for the requests the supervisor said are coming
+# ... and at least this share of its copy's expected time (at 200 GB/s: ~10 % of a PCIe 5 copy), which costs nothing:
+# the first layers' weights land only then, and requests that arrive meanwhile join the first step
+SHADOW_BYTES_PER_SECOND = 200e9
 
 
 class Engine:
@@ -49,7 +52,9 @@ class Engine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._outbox = Outbox()
         self._pending: list[tuple[Sequence, int | BaseException]] = []  # a step's outcomes not yet sent
-        self._gather: tuple[int, float] | None = None  # (requests expected, until) after a wake
+        self._inflight: tuple[Step, Draw] | None = None  # a step queued on the device, not yet accounted
+        self._pipeline = True  # queue each decode step before the one before it is accounted
+        self._gather: tuple[int, float, float] | None = None  # (requests expected, hold at least until, at most)
         self._stopped = False
         self.weights: WeightStore | None = None  # set by _load, on the engine thread
         self.scheduler: Scheduler | None = None
@@ -159,8 +164,7 @@ class Engine:
         while not self._stopped:
             busy = self._awake() and self.scheduler.has_work and not self._gathering()
             if not busy:  # the last step's tokens go out before the thread waits for work
-                self._emit()
-                self._outbox.flush()
+                self._drain()
             self._run_commands(block=not busy)
             if self._stopped or not self._awake() or self._gathering():
                 continue
@@ -168,13 +172,15 @@ class Engine:
                 self._step()
             except Exception as exc:  # noqa: BLE001 - the step's requests fail; the engine keeps serving
                 log.exception("a step failed")
+                self._inflight = None
                 self._fail(list(self.scheduler.running), exc)
-            self._outbox.flush()
+                self._outbox.flush()
 
     def _run_commands(self, block: bool) -> None:
         timeout = None
         if block and self._gather is not None:
-            timeout = max(0.0, self._gather[1] - time.monotonic())
+            expected, shadow, until = self._gather
+            timeout = max(0.0, (shadow if self.streams >= expected else until) - time.monotonic())
         while True:
             try:
                 fn, args, future = self._commands.get(block=block, timeout=timeout) if block else \
@@ -182,7 +188,7 @@ class Engine:
             except queue.Empty:
                 return
             block = False
-            self._emit()  # what the last step produced goes out before anything changes state
+            self._drain()  # the step in flight is accounted and its tokens sent before anything changes state
             try:
                 result = fn(*args)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
@@ -202,31 +208,58 @@ class Engine:
         """A wake is holding its first step for requests still on their way."""
         if self._gather is None:
             return False
-        expected, until = self._gather
-        if len(self.scheduler.waiting) + len(self.scheduler.running) >= expected or time.monotonic() >= until:
+        expected, shadow, until = self._gather
+        now = time.monotonic()
+        arrived = len(self.scheduler.waiting) + len(self.scheduler.running)
+        if (arrived >= expected and now >= shadow) or now >= until:
             self._gather = None
             return False
         return True
 
     # -- one step -------------------------------------------------------------------------------------------
     def _step(self) -> None:
-        step = self.scheduler.plan()
-        if step is None:
-            self._emit()
-            return
+        """Account the step in flight (or plan and launch one), having first queued the step after it when that
+        step can be planned without its tokens: the GPU then never waits for the host between decode steps."""
+        if self._inflight is None:
+            step = self.scheduler.plan()
+            if step is None:
+                return
+            self._inflight = self._launch(step)
+            if self._inflight is None:
+                return
+        step, drawn = self._inflight
+        follow = self.scheduler.follow(step) if self._pipeline else None
+        self._inflight = self._launch(follow, drawn.tokens) if follow is not None else None
+        self._pending = self.scheduler.complete(step, self.sampler.collect(drawn))
+        self._emit()
+        self._outbox.flush()  # the tokens go out while the GPU runs the next step
+
+    def _launch(self, step: Step, ids: torch.Tensor | None = None) -> tuple[Step, Draw] | None:
+        """Queue `step`'s forward and draws (a forward behind a wake's copy is settled here: synchronously).
+
+        A step without a decode row runs eagerly, awake or not: the first step after a wake always is one, and
+        its layers must wait for their weights (hooks, which a graph would skip), so a request alone gets the same
+        kernels for its prompt whether the model slept or not, hence the same tokens. Steps with decode rows replay
+        graphs."""
         behind_copy = self.weights.filling
         try:
-            logits = self.runner.forward(step.batch, eager=behind_copy)
+            logits = self.runner.forward(step.batch, eager=behind_copy or not step.decodes, ids=ids)
             if behind_copy and self.weights.settle():  # it read a pool that proved corrupt, now rebuilt
-                logits = self.runner.forward(step.batch)  # nothing was accounted yet: run it again
+                logits = self.runner.forward(step.batch, eager=not step.decodes)  # nothing accounted yet: run it again
         except BaseException as exc:
             if not self._awake():  # the rebuild failed: no weights to serve anyone with
                 self._fail(list(self.scheduler.running) + list(self.scheduler.waiting), exc)
-                return
+                return None
             raise
-        drawn = self.sampler.launch(logits, step.sampled, [step.rows[i] for i in step.sampled])
-        self._emit()  # the previous step's tokens go out while the GPU runs this one
-        self._pending = self.scheduler.complete(step, self.sampler.collect(drawn))
+        return step, self.sampler.launch(logits, step.sampled, [step.rows[i] for i in step.sampled])
+
+    def _drain(self) -> None:
+        """Account the step in flight, if any, and send what it produced (before anything changes state)."""
+        if self._inflight is not None:
+            (step, drawn), self._inflight = self._inflight, None
+            self._pending = self.scheduler.complete(step, self.sampler.collect(drawn))
+        self._emit()
+        self._outbox.flush()
 
     def _emit(self) -> None:
         """Turn the last step's outcomes into events (text, stop strings) and hand them to their streams."""
@@ -329,8 +362,10 @@ class Engine:
         result = self.weights.wake(overlap)
         if result.source != "none":
             self.kv_cache.bind(self.weights.arena.scratch())
-            if waiting > 1:
-                self._gather = (waiting, time.monotonic() + GATHER_SECONDS)
+            if waiting and result.overlapped:
+                now = time.monotonic()
+                shadow = min(GATHER_SECONDS, result.bytes_restored / SHADOW_BYTES_PER_SECOND)
+                self._gather = (waiting, now + shadow, now + GATHER_SECONDS)
         return result
 
     def wait_pinned(self) -> None:

@@ -28,9 +28,13 @@ from .service import WorkerService
 
 log = logging.getLogger("ksleep.worker")
 GRACE_SECONDS = 5.0
+# The engine thread hands the GIL to the gRPC thread while the GPU runs a step and needs it back the moment the
+# step ends; with Python's default 5 ms switch interval that handback could take most of a decode step.
+SWITCH_INTERVAL = 0.0005
 
 
 def run_worker(settings: forkserver_pb2.WorkerSettings, prepared: PreparedModel | None = None) -> int:
+    sys.setswitchinterval(SWITCH_INTERVAL)
     logging.basicConfig(level=settings.log_level.upper() or "INFO", stream=sys.stderr, force=True,
                         format=f"%(asctime)s worker[{os.getpid()}] %(levelname)s %(name)s: %(message)s")
     try:

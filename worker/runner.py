@@ -10,8 +10,8 @@ addresses (CUDA VMM) the graphs stay valid across sleeps; otherwise they are dro
 Padding: in a decode step (one token per sequence) each padding row is a one-token sequence at the cache's pad
 position; in a step with prompt tokens, the padding tokens form one extra sequence, also written at the pad
 position, and padding sequences feed no token at all. Padding rows only ever write the pad positions and their
-outputs are dropped. A forward behind a wake's copy (its layers wait for their weights), a step larger than the
-largest bucket, and the "gather" attention backend run eagerly.
+outputs are dropped. Steps the engine asks to run eagerly (those without a decode: see engine.py), steps larger
+than the largest bucket, and the "gather" attention backend run eagerly.
 """
 from __future__ import annotations
 
@@ -64,14 +64,15 @@ class ModelRunner:
         self.eager_steps = 0
 
     @torch.inference_mode()
-    def forward(self, batch: Batch, eager: bool = False) -> torch.Tensor:
+    def forward(self, batch: Batch, eager: bool = False, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [S, vocab] of each sequence's last token this step. A replayed graph returns its output buffer:
-        read it before the next forward. `eager` forces the eager path (a forward behind an arriving copy)."""
+        read it before the next forward. `eager` forces the eager path. `ids` ([T] on the device) replaces
+        `batch.tokens`: a step queued before the tokens it feeds reached the host."""
         shape = None if eager or not self.graphs_enabled else self._graph_shape(batch)
         if shape is None:
             self.eager_steps += 1
-            return self._eager(batch)
-        return self._replay(batch, *shape)
+            return self._eager(batch, ids)
+        return self._replay(batch, *shape, ids)
 
     def _logits(self, ids: torch.Tensor, positions: torch.Tensor, step: StepContext, rows: torch.Tensor,
                 out: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,9 +81,11 @@ class ModelRunner:
         weight = self.model.lm_head.weight  # (the head of every supported family is a plain projection)
         return torch.matmul(hidden[rows], weight.t(), out=out)
 
-    def _eager(self, batch: Batch) -> torch.Tensor:
+    def _eager(self, batch: Batch, ids: torch.Tensor | None) -> torch.Tensor:
         device = self.device
         longs = torch.tensor([batch.tokens, batch.positions, batch.slots], dtype=torch.long).to(device, non_blocking=True)
+        if ids is not None:
+            longs[0].copy_(ids)
         q_lens = torch.tensor(batch.q_lens, dtype=torch.int32)
         cu_q = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
         torch.cumsum(q_lens, 0, out=cu_q[1:])
@@ -107,12 +110,12 @@ class ModelRunner:
         seqs = tokens and _fit(self.seq_sizes, s + (tokens > t))  # room for the sequence of padding tokens
         return (tokens, seqs, False) if seqs else None
 
-    def _replay(self, batch: Batch, tokens: int, seqs: int, decode: bool) -> torch.Tensor:
+    def _replay(self, batch: Batch, tokens: int, seqs: int, decode: bool, ids: torch.Tensor | None) -> torch.Tensor:
         static = self._static or self._make_static()
         graph = self._graphs.get((tokens, seqs, decode))
         if graph is None:
             graph = self._capture(tokens, seqs, decode)
-        static.fill(batch, tokens, seqs, decode)
+        static.fill(batch, tokens, seqs, decode, ids)
         graph.replay()
         self.replays += 1
         return static.logits[: len(batch.q_lens)]
@@ -168,20 +171,27 @@ class _StaticInputs:
     [id, position, slot] and per sequence [cumulative query length, extent start, cache length, logits row]."""
 
     def __init__(self, max_tokens: int, max_seqs: int, device: torch.device, vocab: int, dtype: torch.dtype):
-        self.pinned_tokens = torch.zeros(3, max_tokens, dtype=torch.long, pin_memory=True)
-        self.pinned_seqs = torch.zeros(4, max_seqs + 1, dtype=torch.long, pin_memory=True)
-        self.host_tokens, self.host_seqs = self.pinned_tokens.numpy(), self.pinned_seqs.numpy()
+        # two sets of pinned buffers, used in turn: a step may be filled while the copy of the one before it is
+        # still queued behind the step in flight (each set is rewritten only once its own copy has run)
+        self.pinned = [(torch.zeros(3, max_tokens, dtype=torch.long, pin_memory=True),
+                        torch.zeros(4, max_seqs + 1, dtype=torch.long, pin_memory=True)) for _ in range(2)]
+        self.copied = [torch.cuda.Event(), torch.cuda.Event()]
+        self._turn = 0
         self.tokens = torch.zeros(3, max_tokens, dtype=torch.long, device=device)
         self.seqs = torch.zeros(4, max_seqs + 1, dtype=torch.long, device=device)
         self.ints = torch.zeros(3, max_seqs + 1, dtype=torch.int32, device=device)  # what the kernel reads
         self.logits = torch.empty(max_seqs, vocab, dtype=dtype, device=device)
 
-    def fill(self, batch: Batch, tokens: int, seqs: int, decode: bool) -> None:
+    def fill(self, batch: Batch, tokens: int, seqs: int, decode: bool, ids: torch.Tensor | None = None) -> None:
+        turn, self._turn = self._turn, self._turn ^ 1
+        self.copied[turn].synchronize()  # (long done: it was queued two steps ago)
+        pinned_tokens, pinned_seqs = self.pinned[turn]
+        ht, hs = pinned_tokens.numpy(), pinned_seqs.numpy()
         t, s = len(batch.tokens), len(batch.q_lens)
-        ht, hs = self.host_tokens, self.host_seqs
         ht[0, :t], ht[1, :t], ht[2, :t] = batch.tokens, batch.positions, batch.slots
         ht[:, t:tokens] = 0  # padding tokens: id 0 at position 0, written to the pad position
         cu = np.cumsum(batch.q_lens)
+        hs[0, 0] = 0
         hs[0, 1: s + 1] = cu
         hs[1, :s], hs[2, :s] = batch.kv_starts, batch.kv_lens
         hs[3, :s] = cu - 1
@@ -193,8 +203,11 @@ class _StaticInputs:
             hs[1, s:seqs], hs[2, s:seqs], hs[3, s:seqs] = 0, 1, tokens - 1
             if tokens > t:
                 hs[2, s] = tokens - t
-        self.tokens[:, :tokens].copy_(self.pinned_tokens[:, :tokens], non_blocking=True)
-        self.seqs[:, : seqs + 1].copy_(self.pinned_seqs[:, : seqs + 1], non_blocking=True)
+        self.tokens[:, :tokens].copy_(pinned_tokens[:, :tokens], non_blocking=True)
+        self.seqs[:, : seqs + 1].copy_(pinned_seqs[:, : seqs + 1], non_blocking=True)
+        self.copied[turn].record()
+        if ids is not None:
+            self.tokens[0, :t].copy_(ids)  # queued after the copy above: these win
 
     def pad_all(self, tokens: int, seqs: int) -> None:
         self.tokens[:, :tokens] = 0

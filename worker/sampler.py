@@ -3,6 +3,8 @@
 whichever batch it is in. A row whose sampling fails fails alone."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .sequence import Sequence
@@ -11,16 +13,19 @@ from .sequence import Sequence
 class Sampler:
     def __init__(self, device: torch.device):
         self.device = device
-        self._host: torch.Tensor | None = None  # pinned, so the copy back is one asynchronous DMA
-        self._ready = torch.cuda.Event() if device.type == "cuda" else None
+        self._cuda = device.type == "cuda"
+        # pinned, so that the copy back is one asynchronous DMA; two, used in turn, for the two steps in flight
+        self._host = [torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)]
+        self._turn = 0
         self._no_ids = torch.empty(1, 0, dtype=torch.long, device=device)  # the warpers we use ignore the history
 
     def sample(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> list[int | BaseException]:
         """The next token of each `rows[j]` of `logits` ([S, vocab]; `seqs[j]` owns that row), on the host."""
         return self.collect(self.launch(logits, rows, seqs))
 
-    def launch(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]):
-        """Queue the draws and their copy to the host; `collect` waits for them."""
+    def launch(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> Draw | None:
+        """Queue the draws and their copy to the host; `collect` waits for them. The draw's `tokens` stay on the
+        device, in row order, for a step queued before they reach the host."""
         if not rows:
             return None
         picked = logits[rows] if len(rows) != logits.shape[0] else logits
@@ -35,19 +40,29 @@ class Sampler:
                 tokens[j] = torch.multinomial(probs, 1, generator=seq.generator)[0, 0]
             except Exception as exc:  # noqa: BLE001 - e.g. logits that are not finite: this request alone fails
                 errors[j] = exc
-        if self._ready is None:
-            return tokens, errors
+        if not self._cuda:
+            return Draw(tokens, tokens, None, errors)
         n = tokens.numel()
-        if self._host is None or self._host.numel() < n:
-            self._host = torch.empty(max(n, 256), dtype=torch.long, pin_memory=True)
-        self._host[:n].copy_(tokens, non_blocking=True)
-        self._ready.record()
-        return self._host[:n], errors
+        turn, self._turn = self._turn, self._turn ^ 1
+        if self._host[turn].numel() < n:
+            self._host[turn] = torch.empty(max(n, 256), dtype=torch.long, pin_memory=True)
+        host = self._host[turn][:n]
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return Draw(tokens, host, ready, errors)
 
-    def collect(self, drawn) -> list[int | BaseException]:
+    def collect(self, drawn: Draw | None) -> list[int | BaseException]:
         if drawn is None:
             return []
-        tokens, errors = drawn
-        if self._ready is not None:
-            self._ready.synchronize()  # releases the GIL while the step finishes: the gRPC thread keeps serving
-        return [errors.get(j, value) for j, value in enumerate(tokens.tolist())]
+        if drawn.ready is not None:
+            drawn.ready.synchronize()  # releases the GIL while the step finishes: the gRPC thread keeps serving
+        return [drawn.errors.get(j, value) for j, value in enumerate(drawn.host.tolist())]
+
+
+@dataclass(slots=True)
+class Draw:
+    tokens: torch.Tensor  # on the device, one per sampled row
+    host: torch.Tensor  # their copy on the host (valid once `ready`)
+    ready: torch.cuda.Event | None
+    errors: dict[int, BaseException]

@@ -23,10 +23,11 @@ PREFILL_FLOOR = 32  # prompt tokens a step always takes beside any number of dec
 
 @dataclass(slots=True)
 class Step:
-    rows: list[Sequence]
+    rows: list[Sequence]  # the decoding sequences first, then those feeding prompt tokens
     q_lens: list[int]
     batch: Batch
     sampled: list[int]  # indexes of the rows whose last token's logits give a new token this step
+    decodes: int  # rows that feed their last sampled token
 
 
 @dataclass(slots=True)
@@ -39,6 +40,7 @@ class SchedulerStats:
     tokens: int  # tokens sampled so far
     queue_limit: int
     batch_limit: int
+    queued_ahead: int  # decode steps queued before the step before them was accounted
 
     def to_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -54,6 +56,7 @@ class Scheduler:
     running: list = field(default_factory=list)
     steps: int = 0
     tokens: int = 0
+    queued_ahead: int = 0  # decode steps planned before the tokens of the step before them were on the host
 
     def check(self, seq: Sequence) -> None:
         """Refuse at once what can never run (ValueError) or cannot queue now (QueueFullError)."""
@@ -86,7 +89,7 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         return SchedulerStats(len(self.running), len(self.waiting), self.cache.tokens, self.cache.extents.used,
-                              self.steps, self.tokens, self.max_queue, self.max_batch)
+                              self.steps, self.tokens, self.max_queue, self.max_batch, self.queued_ahead)
 
     # -- one step ---------------------------------------------------------------------------------------------
     def plan(self) -> Step | None:
@@ -120,7 +123,22 @@ class Scheduler:
             lens.append(first + n)
             if first + n >= len(seq.prompt):  # caught up: this row's last logits give the next token
                 sampled.append(i)
-        return Step(rows, q_lens, Batch(tokens, positions, slots, q_lens, starts, lens), sampled)
+        return Step(rows, q_lens, Batch(tokens, positions, slots, q_lens, starts, lens), sampled, len(decodes))
+
+    def follow(self, step: Step) -> Step | None:
+        """The decode step after `step`, planned before `step`'s tokens reach the host (they feed it from the
+        device): the same sequences, one position further. None unless `step` is all decodes and each of its
+        sequences has room for one more token; a sequence that turns out to have ended with `step` (EOS, a stop
+        string) is dropped when this step is accounted."""
+        batch = step.batch
+        if len(batch.tokens) != len(step.rows) or len(step.sampled) != len(step.rows):
+            return None
+        if any(seq.finish is not None or len(seq.output) + 2 > seq.params.max_tokens for seq in step.rows):
+            return None
+        follow = Batch(batch.tokens, [p + 1 for p in batch.positions], [s + 1 for s in batch.slots], batch.q_lens,
+                       batch.kv_starts, [n + 1 for n in batch.kv_lens])
+        self.queued_ahead += 1
+        return Step(step.rows, step.q_lens, follow, step.sampled, len(step.rows))
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_batch:
