@@ -88,7 +88,7 @@ def write_checkpoint(engine: Engine, directory: Path) -> None:
 
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
-    params = {s.name: s.view(engine._pool.tensor).clone() for s in engine.layout.slots if s.kind == "param"}
+    params = {s.name: s.view(engine.weights.pool.tensor).clone() for s in engine.layout.slots if s.kind == "param"}
     save_file(params, str(directory / "model.safetensors"), metadata={"format": "pt"})
     del params
     engine.skeleton.config.save_pretrained(directory)
@@ -114,9 +114,10 @@ def main() -> None:
                     help="seconds asleep before each wake (the driver scrubs released memory for ~0.3 s; a wake "
                          "inside that window is measured separately)")
     ap.add_argument("--no-naive", action="store_true", help="skip the reference .to() approach")
-    ap.add_argument("--decode-graphs", default="off", choices=["auto", "on", "off"],
-                    help="off (default) decodes like the reference, so their outputs compare token for token; "
-                         "benchmarks/performance.py measures the graph decoder")
+    ap.add_argument("--cuda-graphs", default="off", choices=["auto", "on", "off"],
+                    help="off (default) runs every step eagerly; benchmarks/performance.py and serving.py measure "
+                         "the graphs")
+    ap.add_argument("--kv-cache", default="1GiB", help="the engine's batch KV cache (one request at a time here)")
     ap.add_argument("--checkpoint-dir", type=Path, help="write the model here as safetensors; time cold load and level 2")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
@@ -133,7 +134,7 @@ def main() -> None:
     for stale in Path("/dev/shm").glob("ksleep-bench-*"):  # measure a first load, not an attach to a leftover
         stale.unlink()
     config = WorkerConfig(model=args.model, device=args.device, vmm=args.vmm, pool_prefix="ksleep-bench",
-                          decode_graphs=args.decode_graphs)
+                          cuda_graphs=args.cuda_graphs, kv_cache=args.kv_cache)
     engine = Engine.load(config)
     R["load"] = engine.load_report.to_dict()
     R["weight_bytes"] = engine.layout.weight_bytes

@@ -13,26 +13,21 @@ Sleep, wake and the rest are commands that thread runs between steps. The calls 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from collections.abc import Sequence as Seq
-from concurrent.futures import Future, TimeoutError as FutureTimeout
 
 import torch
 
-from . import attention
 from .arena import DeviceArena
+from .commands import CommandThread
 from .config import WorkerConfig
 from .errors import AsleepError, BusyError, ClosedError, SleepAbortError
 from .generation import FINISH_STOP, Completion, SamplingParams, TokenWriter
-from .kvcache import CacheSize, KVCache, bytes_per_token, head_dim, kv_heads
+from .loading import load_parts
 from .memory import MemoryReport
 from .prepared import PreparedModel
-from .prompt import PromptEncoder
-from .reports import LoadReport, Phases, SleepResult, WakeResult
-from .runner import Batch, ModelRunner
-from .sampler import Draw, Sampler
+from .reports import SleepResult, WakeResult
+from .sampler import Draw
 from .scheduler import Scheduler, SchedulerStats, Step
 from .sequence import Outbox, RequestStream, Sequence
 from .weights import WeightState, WeightStore
@@ -49,16 +44,14 @@ SHADOW_BYTES_PER_SECOND = 200e9
 class Engine:
     def __init__(self, config: WorkerConfig):
         self.config = config
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._outbox = Outbox()
         self._pending: list[tuple[Sequence, int | BaseException]] = []  # a step's outcomes not yet sent
         self._inflight: tuple[Step, Draw] | None = None  # a step queued on the device, not yet accounted
         self._pipeline = True  # queue each decode step before the one before it is accounted
         self._gather: tuple[int, float, float] | None = None  # (requests expected, hold at least until, at most)
-        self._stopped = False
         self.weights: WeightStore | None = None  # set by _load, on the engine thread
         self.scheduler: Scheduler | None = None
-        self._thread = threading.Thread(target=self._loop, name="ksleep-engine", daemon=True)
+        self._thread = CommandThread("ksleep-engine", self._loop)
         self._thread.start()
 
     # -- loading --------------------------------------------------------------------------------------------
@@ -71,102 +64,35 @@ class Engine:
         try:
             engine._call(engine._load, prepared, awake)
         except BaseException:
-            engine._stop_thread()
+            engine._thread.stop()
             raise
         return engine
 
     def _load(self, prepared: PreparedModel | None, awake: bool) -> None:
-        config = self.config
-        phases = Phases(torch.device("cpu"))
-        device = self.device = config.resolve_device()
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-            torch.empty(1, device=device)  # create the CUDA context now, so that it is timed as such
-            phases.device = device
-        phases.mark("device_init")
-        prepared = prepared or PreparedModel.build(config, device.type)
-        self.skeleton, self.layout, self.tokenizer = prepared.skeleton, prepared.layout, prepared.tokenizer
-        model_config = self.skeleton.config
-        attention.register()
-        model_config._attn_implementation = attention.ATTENTION_NAME
-        self.context_tokens = int(getattr(model_config, "max_position_embeddings", 0) or 2**31)
-        self.encode = PromptEncoder(self.tokenizer, int(model_config.vocab_size), self.context_tokens, config.model).encode
-        eos = [model_config.eos_token_id, self.tokenizer.eos_token_id]
-        self.eos_ids = frozenset(i for e in eos for i in (e if isinstance(e, (list, tuple)) else [e]) if i is not None)
-        dtype = config.torch_dtype
-        tokens = CacheSize.parse(config.kv_cache).tokens(bytes_per_token(model_config, dtype), device,
-                                                         self.layout.total_bytes)
-        self.kv_cache = KVCache.for_model(model_config, dtype, tokens)
-        arena = DeviceArena(self.layout, device, config.keep_layers, config.vmm, self.kv_cache.nbytes)
-        self.weights = WeightStore(config, device, prepared.source, self.skeleton, self.layout, arena, phases)
-        self.attention = "gather"
-        reason = attention.flash_unavailable_reason(device, dtype, int(model_config.num_attention_heads),
-                                                    kv_heads(model_config), head_dim(model_config))
-        if reason is None:
-            self.attention = "flash"
-        elif device.type == "cuda":
-            log.warning("attention falls back to padded SDPA, steps run eagerly: %s", reason)
-        if config.cuda_graphs == "on" and (device.type != "cuda" or reason is not None):
-            raise ValueError(f"cuda_graphs=on, but CUDA graphs do not apply here: {reason}")
-        self.runner = ModelRunner(self.skeleton.model, self.kv_cache, device, self.attention,
-                                  config.cuda_graphs != "off", config.max_batch,
-                                  max(config.prefill_chunk, config.max_batch + 32))
-        self.scheduler = Scheduler(self.kv_cache, config.max_batch, config.max_queue, config.prefill_chunk)
-        self.sampler = Sampler(device)
-        phases.mark("prepare")
-        try:
-            how = self.weights.bring_up(awake)
-            if self.weights.state is WeightState.AWAKE:
-                self.kv_cache.bind(arena.scratch())
-                if device.type == "cuda":  # queued behind the copy still in flight: kernels load while it lands
-                    self._warm_up()
-                if self.weights.settle():  # the attached pool failed its checksum behind the warm-up
-                    how = "rebuilt"
-            phases.mark("copy_verify_warm_up" if device.type == "cuda" else "copy_verify")
-        except BaseException:
-            self.weights.close()
-            raise
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # loading's scratch (synthetic draws, checksums) must not count as "awake"
-        pool = self.weights.pool
-        self.load_report = LoadReport(phases.total, how, self.weights.pool_name, self.layout.weight_bytes,
-                                      self.layout.total_bytes, arena.stable_addresses, pool is not None and pool.pinned,
-                                      phases.seconds)
-        log.info("loaded %s: %s; KV cache %d positions (%.2f GB), attention %s, graphs %s", config.model,
-                 self.load_report, tokens, self.kv_cache.nbytes / 1e9, self.attention, self.runner.graphs_enabled)
+        parts = load_parts(self.config, prepared, awake)
+        for name in parts.__slots__:
+            setattr(self, name, getattr(parts, name))
 
-    def _warm_up(self) -> None:
-        """One forward before serving: a fresh process loads its kernels and creates its cuBLAS handle on its
-        first forward (~1 s for a 7B); better here than in the first user's time to first token. It writes only
-        the cache's pad positions."""
-        self.runner.forward(Batch([0, 0], [0, 1], [0, 1], [2], [0], [2]), eager=True)
-
-    # -- commands: run on the engine thread between steps ------------------------------------------------------
+    # -- the engine thread: commands between steps ---------------------------------------------------------
     def _call(self, fn, *args):
-        """Run `fn(*args)` on the engine thread and return its result (or raise its error)."""
-        if self._stopped:
-            raise ClosedError("the engine is closed")
-        future: Future = Future()
-        self._commands.put((fn, args, future))
-        while True:
-            try:
-                return future.result(timeout=1.0)
-            except FutureTimeout:  # a bound on the wait: an engine thread that is gone never answers
-                if not self._thread.is_alive():
-                    raise ClosedError("the engine thread stopped") from None
+        return self._thread.call(fn, *args)
 
     def _post(self, fn, *args) -> None:
-        """Run `fn(*args)` on the engine thread, not waiting for it."""
-        if not self._stopped:
-            self._commands.put((fn, args, None))
+        self._thread.post(fn, *args)
 
     def _loop(self) -> None:
-        while not self._stopped:
+        while not self._thread.stopped:
             busy = self._awake() and self.scheduler.has_work and not self._gathering()
             if not busy:  # the last step's tokens go out before the thread waits for work
                 self._drain()
-            self._run_commands(block=not busy)
-            if self._stopped or not self._awake() or self._gathering():
+            timeout = None
+            if not busy and self._gather is not None:
+                expected, shadow, until = self._gather
+                timeout = max(0.0, (shadow if self.streams >= expected else until) - time.monotonic())
+            # the step in flight is accounted and its tokens sent before a command changes anything
+            self._thread.run_pending(not busy, timeout, before=self._drain)
+            self._outbox.flush()
+            if self._thread.stopped or not self._awake() or self._gathering():
                 continue
             try:
                 self._step()
@@ -175,31 +101,6 @@ class Engine:
                 self._inflight = None
                 self._fail(list(self.scheduler.running), exc)
                 self._outbox.flush()
-
-    def _run_commands(self, block: bool) -> None:
-        timeout = None
-        if block and self._gather is not None:
-            expected, shadow, until = self._gather
-            timeout = max(0.0, (shadow if self.streams >= expected else until) - time.monotonic())
-        while True:
-            try:
-                fn, args, future = self._commands.get(block=block, timeout=timeout) if block else \
-                    self._commands.get_nowait()
-            except queue.Empty:
-                return
-            block = False
-            self._drain()  # the step in flight is accounted and its tokens sent before anything changes state
-            try:
-                result = fn(*args)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller
-                if future is None:
-                    log.exception("engine command %s failed", getattr(fn, "__name__", fn))
-                else:
-                    future.set_exception(exc)
-            else:
-                if future is not None:
-                    future.set_result(result)
-            self._outbox.flush()
 
     def _awake(self) -> bool:
         return self.weights is not None and self.weights.state is WeightState.AWAKE
@@ -295,7 +196,7 @@ class Engine:
         stream.prompt_tokens = len(ids)
         seq = Sequence(ids, params, TokenWriter(self.tokenizer, params, self.eos_ids, started), stream, self.device)
         self.scheduler.check(seq)
-        stream.attach(lambda: self._post(self.scheduler.abort, seq), self._thread.is_alive)
+        stream.attach(lambda: self._post(self.scheduler.abort, seq), lambda: self._thread.alive)
         self._post(self._admit, seq)
         return stream
 
@@ -399,12 +300,12 @@ class Engine:
     def close(self, remove_pool: bool = False) -> None:
         """Free the device and unmap the pool; `remove_pool` also deletes its files. Requests still running end
         with ClosedError."""
-        if self._stopped:
+        if self._thread.stopped:
             return
         try:
             self._call(self._close, remove_pool)
         finally:
-            self._stop_thread()
+            self._thread.stop()
 
     def _close(self, remove_pool: bool) -> None:
         if self.scheduler is not None:
@@ -412,12 +313,6 @@ class Engine:
         if self.weights is not None:
             self.kv_cache.unbind()
             self.weights.close(remove_pool)
-
-    def _stop_thread(self) -> None:
-        self._stopped = True
-        self._commands.put((lambda: None, (), None))  # wakes the loop if it waits for a command
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=30)
 
     def __enter__(self) -> Engine:
         return self
