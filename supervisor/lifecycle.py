@@ -433,6 +433,7 @@ class Lifecycle:
         try:
             info = await worker.stub.Status(worker_pb2.WorkerStatusRequest(), timeout=STATUS_DEADLINE)
         except grpc.aio.AioRpcError:
+            self.batch = None  # unknown now: better absent than stale
             return None
         self.batch = info.batch if info.HasField("batch") else None
         return info

@@ -7,13 +7,20 @@ import torch
 
 from ksleep.worker import SamplingParams
 from ksleep.worker.attention import GatherIndex, _gather_attention
-from ksleep.worker.errors import BusyError, QueueFullError, SleepAbortError
+from ksleep.worker.errors import BusyError, ClosedError, QueueFullError, SleepAbortError
 from ksleep.worker.kvcache import CacheSize, ExtentAllocator, KVCache
 from ksleep.worker.runner import Batch, ModelRunner
 
 from .conftest import PROMPT
 
 PROMPTS = [PROMPT, "Hello", "Sleep mode frees the GPU between requests", "a", "Ein Satz auf Deutsch.", "1 2 3 4 5"]
+
+
+def wait_until(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "the engine did not get there in time"
+        time.sleep(0.005)
 
 
 def solo(engine, prompt, params):
@@ -107,7 +114,7 @@ def test_a_full_cache_queues_requests_and_serves_them_in_order(open_engine):
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     want = solo(engine, PROMPT, params)
     streams = [engine.generate(PROMPT, params) for _ in range(5)]
-    time.sleep(0.05)
+    wait_until(lambda: engine.stats().waiting + engine.stats().running == 5)
     stats = engine.stats()
     assert stats.waiting >= 1 and stats.running < 5
     assert [[e.token_id for e in s] for s in streams] == [want] * 5
@@ -127,7 +134,7 @@ def test_beyond_the_queue_bound_requests_are_refused(open_engine):
     running = engine.generate(PROMPT, params)
     next(running)  # admitted: the batch (of one) is full
     queued = [engine.generate(PROMPT, params) for _ in range(2)]
-    time.sleep(0.05)
+    wait_until(lambda: engine.stats().waiting == 2)
     with pytest.raises(QueueFullError, match="2 requests are already waiting"):
         engine.generate(PROMPT, params)
     for stream in [running, *queued]:
@@ -155,6 +162,61 @@ def test_a_bad_request_in_a_batch_fails_alone(open_engine, monkeypatch):
         list(broken)
     assert [[e.token_id for e in s] for s in streams] == [want, want]
     assert engine.streams == 0
+
+
+def test_a_request_whose_text_fails_fails_alone_and_a_failing_step_fails_only_its_batch(open_engine, monkeypatch):
+    engine = open_engine(dtype="float32")
+    broken = engine.generate(PROMPT, SamplingParams(max_tokens=200, ignore_eos=True))
+    next(broken)
+    (seq,) = engine.scheduler.running
+
+    class FailingWriter:
+        def ends(self, token, count):
+            return None
+
+        def push(self, token, now=None):
+            raise ValueError("this request's text cannot be decoded")
+
+    monkeypatch.setattr(seq, "writer", FailingWriter())
+    short = engine.generate("Hello", SamplingParams(max_tokens=1))  # ends in the step where the other one fails
+    with pytest.raises(ValueError, match="cannot be decoded"):
+        list(broken)
+    assert len(list(short)) == 1 and engine.streams == 0
+    running = engine.generate(PROMPT, SamplingParams(max_tokens=200, ignore_eos=True))
+    next(running)
+    collect = engine.sampler.collect
+    monkeypatch.setattr(engine.sampler, "collect", lambda drawn: (_ for _ in ()).throw(RuntimeError("a step broke")))
+    with pytest.raises(RuntimeError, match="a step broke"):
+        list(running)
+    monkeypatch.setattr(engine.sampler, "collect", collect)
+    assert len(solo(engine, PROMPT, SamplingParams(max_tokens=5))) == 5  # the engine serves on
+    assert engine.kv_cache.extents.used == 0
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread is made to die
+def test_no_reader_is_left_waiting_when_a_stream_is_closed_or_the_engine_thread_ends(open_engine, monkeypatch):
+    engine = open_engine(max_batch=1)  # one request at a time
+    params = SamplingParams(max_tokens=200, ignore_eos=True)
+    first = engine.generate(PROMPT, params)
+    next(first)
+    queued = engine.generate(PROMPT, params)  # waits for the batch slot: no token comes
+    ended = []
+    reader = threading.Thread(target=lambda: ended.append(list(queued)))
+    reader.start()
+    time.sleep(0.1)
+    queued.close()  # from another thread than the reader's
+    reader.join(5)
+    assert ended == [[]]
+    list(first)
+
+    def thread_dies():
+        raise SystemExit("the engine thread ends")
+
+    waiting = engine.generate(PROMPT, params)
+    next(waiting)
+    monkeypatch.setattr(engine, "_iterate", thread_dies)
+    with pytest.raises(ClosedError):
+        list(waiting)
 
 
 def test_sleep_waits_for_the_batch_or_aborts_it(open_engine):

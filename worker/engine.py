@@ -29,7 +29,7 @@ from .prepared import PreparedModel
 from .reports import SleepResult, WakeResult
 from .sampler import Draw
 from .scheduler import Scheduler, SchedulerStats, Step
-from .sequence import Outbox, RequestStream, Sequence
+from .sequence import FINISH_ERROR, Outbox, RequestStream, Sequence
 from .weights import WeightState, WeightStore
 
 log = logging.getLogger(__name__)
@@ -81,26 +81,33 @@ class Engine:
         self._thread.post(fn, *args)
 
     def _loop(self) -> None:
-        while not self._thread.stopped:
-            busy = self._awake() and self.scheduler.has_work and not self._gathering()
-            if not busy:  # the last step's tokens go out before the thread waits for work
-                self._drain()
-            timeout = None
-            if not busy and self._gather is not None:
-                expected, shadow, until = self._gather
-                timeout = max(0.0, (shadow if self.streams >= expected else until) - time.monotonic())
-            # the step in flight is accounted and its tokens sent before a command changes anything
-            self._thread.run_pending(not busy, timeout, before=self._drain)
-            self._outbox.flush()
-            if self._thread.stopped or not self._awake() or self._gathering():
-                continue
-            try:
-                self._step()
-            except Exception as exc:  # noqa: BLE001 - the step's requests fail; the engine keeps serving
-                log.exception("a step failed")
-                self._inflight = None
-                self._fail(list(self.scheduler.running), exc)
+        try:
+            while not self._thread.stopped:
+                try:
+                    self._iterate()
+                except Exception as exc:  # noqa: BLE001 - the batch's requests fail; the engine keeps serving
+                    log.exception("a step failed")
+                    self._inflight, self._pending = None, []
+                    self._fail(list(self.scheduler.running), exc)
                 self._outbox.flush()
+        finally:  # whatever ends the thread, no reader is left waiting
+            if self.scheduler is not None:
+                self._fail(self.scheduler.drain(), ClosedError("the engine stopped"))
+                self._outbox.flush()
+
+    def _iterate(self) -> None:
+        busy = self._awake() and self.scheduler.has_work and not self._gathering()
+        if not busy:  # the last step's tokens go out before the thread waits for work
+            self._drain()
+        timeout = None
+        if not busy and self._gather is not None:
+            expected, shadow, until = self._gather
+            timeout = max(0.0, (shadow if self.streams >= expected else until) - time.monotonic())
+        # the step in flight is accounted and its tokens sent before a command changes anything
+        self._thread.run_pending(not busy, timeout, before=self._drain)
+        self._outbox.flush()
+        if not self._thread.stopped and self._awake() and not self._gathering():
+            self._step()
 
     def _awake(self) -> bool:
         return self.weights is not None and self.weights.state is WeightState.AWAKE
@@ -167,10 +174,16 @@ class Engine:
         pending, self._pending = self._pending, []
         now = time.perf_counter()
         for seq, token in pending:
+            if not isinstance(token, BaseException):
+                try:
+                    event = seq.writer.push(token, now)
+                except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer that cannot decode: this request fails
+                    token = exc
             if isinstance(token, BaseException):
+                seq.finish = FINISH_ERROR
+                self.scheduler.retire(seq)  # (already out if its sampling failed)
                 self._outbox.add(seq.stream, [token])
                 continue
-            event = seq.writer.push(token, now)
             if event.finish_reason == FINISH_STOP and seq.finish is None:
                 seq.finish = FINISH_STOP  # found only now: it leaves the batch after the step in flight
                 self.scheduler.retire(seq)
@@ -303,7 +316,12 @@ class Engine:
         if self._thread.stopped:
             return
         try:
-            self._call(self._close, remove_pool)
+            try:
+                self._call(self._close, remove_pool)
+            except ClosedError:
+                if self._thread.alive:
+                    raise
+                self._close(remove_pool)  # the engine thread is gone (it cannot race us): clean up from here
         finally:
             self._thread.stop()
 

@@ -57,6 +57,7 @@ class ModelRunner:
         self.seq_sizes = sizes_up_to(max_batch + 1)  # + 1: a full batch plus a padding sequence
         self.token_sizes = sizes_up_to(max(max_graph_tokens, max_batch + 1))
         self._graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}  # (tokens, sequences, decode)
+        self._uncapturable: set[tuple[int, int, bool]] = set()  # shapes whose capture failed: they run eagerly
         self._pool = None
         self._static: _StaticInputs | None = None
         self.captures = 0  # graphs captured so far (stays put across sleeps with stable addresses)
@@ -69,7 +70,7 @@ class ModelRunner:
         read it before the next forward. `eager` forces the eager path. `ids` ([T] on the device) replaces
         `batch.tokens`: a step queued before the tokens it feeds reached the host."""
         shape = None if eager or not self.graphs_enabled else self._graph_shape(batch)
-        if shape is None:
+        if shape is None or shape in self._uncapturable:
             self.eager_steps += 1
             return self._eager(batch, ids)
         return self._replay(batch, *shape, ids)
@@ -114,7 +115,14 @@ class ModelRunner:
         static = self._static or self._make_static()
         graph = self._graphs.get((tokens, seqs, decode))
         if graph is None:
-            graph = self._capture(tokens, seqs, decode)
+            try:
+                graph = self._capture(tokens, seqs, decode)
+            except Exception:  # noqa: BLE001 - e.g. no device memory for the graph: this shape runs eagerly
+                log.exception("capturing the graph of %d tokens in %d sequences failed; that shape runs eagerly",
+                              tokens, seqs)
+                self._uncapturable.add((tokens, seqs, decode))
+                self.eager_steps += 1
+                return self._eager(batch, ids)
         static.fill(batch, tokens, seqs, decode, ids)
         graph.replay()
         self.replays += 1
@@ -122,7 +130,8 @@ class ModelRunner:
 
     def _make_static(self) -> _StaticInputs:
         self._static = _StaticInputs(self.token_sizes[-1], self.seq_sizes[-1], self.device,
-                                     int(self.model.lm_head.weight.shape[0]), self.model.lm_head.weight.dtype)
+                                     int(self.model.lm_head.weight.shape[0]), self.model.lm_head.weight.dtype,
+                                     self.cache.tokens)
         # made once and distinct: a warm-up on the capture stream would allocate that stream's cuBLAS workspace
         # outside the graphs' pool, where a sleep's workspace clean-up would free it under the graphs
         self._warm_stream = torch.cuda.Stream(self.device)
@@ -170,7 +179,9 @@ class _StaticInputs:
     """The fixed device buffers every graph reads (and the pinned host buffers they are filled from): per token
     [id, position, slot] and per sequence [cumulative query length, extent start, cache length, logits row]."""
 
-    def __init__(self, max_tokens: int, max_seqs: int, device: torch.device, vocab: int, dtype: torch.dtype):
+    def __init__(self, max_tokens: int, max_seqs: int, device: torch.device, vocab: int, dtype: torch.dtype,
+                 cache_tokens: int):
+        self.cache_tokens = cache_tokens
         # two sets of pinned buffers, used in turn: a step may be filled while the copy of the one before it is
         # still queued behind the step in flight (each set is rewritten only once its own copy has run)
         self.pinned = [(torch.zeros(3, max_tokens, dtype=torch.long, pin_memory=True),
@@ -201,8 +212,8 @@ class _StaticInputs:
         else:  # one sequence of all padding tokens, then sequences that feed nothing
             hs[0, s + 1: seqs + 1] = tokens
             hs[1, s:seqs], hs[2, s:seqs], hs[3, s:seqs] = 0, 1, tokens - 1
-            if tokens > t:
-                hs[2, s] = tokens - t
+            if tokens > t:  # (never longer than the cache it reads from position 0 on)
+                hs[2, s] = min(tokens - t, self.cache_tokens)
         self.tokens[:, :tokens].copy_(pinned_tokens[:, :tokens], non_blocking=True)
         self.seqs[:, : seqs + 1].copy_(pinned_seqs[:, : seqs + 1], non_blocking=True)
         self.copied[turn].record()

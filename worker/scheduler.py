@@ -102,7 +102,7 @@ class Scheduler:
         feeds: list[list[int]] = []
         for seq in decodes:
             rows.append(seq)
-            feeds.append(seq.output[-1:])
+            feeds.append(seq.next_input(1))
         for seq in self.running:
             if budget <= 0:
                 break

@@ -27,7 +27,9 @@ from .generation import SamplingParams, TokenEvent, TokenWriter
 
 FINISH_ABORT = "abort"  # cancelled: the stream was closed, or the engine ended it (never sent as a token)
 FINISH_ERROR = "error"  # its sampling failed: the stream gets the exception (never sent as a token)
+POLL_SECONDS = 1.0  # how often a waiting reader checks that the engine is still alive
 _ids = itertools.count()
+_CLOSED = object()  # put into a stream by close(): a reader waiting on it stops
 
 
 class Sequence:
@@ -108,12 +110,12 @@ class RequestStream:
             raise StopIteration
         while True:
             try:
-                item = self._queue.get(timeout=1.0)
+                item = self._queue.get(timeout=POLL_SECONDS)
                 break
             except queue.Empty:  # a bound on every wait: an engine that stopped cannot leave a reader hanging
-                if not self._alive():
-                    self._done = True
-                    raise ClosedError("the engine stopped before the request finished") from None
+                self._check_alive()
+        if item is _CLOSED:
+            raise StopIteration
         return self._take(item)
 
     def __aiter__(self):
@@ -122,7 +124,20 @@ class RequestStream:
     async def __anext__(self) -> TokenEvent:
         if self._done:
             raise StopAsyncIteration
-        return self._take(await self._aqueue.get())
+        while True:
+            try:
+                item = await asyncio.wait_for(self._aqueue.get(), POLL_SECONDS)
+                break
+            except asyncio.TimeoutError:
+                self._check_alive()
+        if item is _CLOSED:
+            raise StopAsyncIteration
+        return self._take(item)
+
+    def _check_alive(self) -> None:
+        if not self._alive():
+            self._done = True
+            raise ClosedError("the engine stopped before the request finished")
 
     def _take(self, item) -> TokenEvent:
         if isinstance(item, BaseException):
@@ -137,12 +152,19 @@ class RequestStream:
         return self._done
 
     def close(self) -> None:
-        """Cancel the request unless it already ended (idempotent, never blocks)."""
+        """Cancel the request unless it already ended (idempotent, never blocks); a reader waiting on the stream
+        in another thread or task stops."""
         with self._lock:
             cancel, self._cancel = self._cancel, None
             done, self._done = self._done, True
-        if cancel is not None and not done:
+        if done:
+            return
+        if cancel is not None:
             cancel()
+        try:
+            self.put([_CLOSED]) if self.loop is None else self.loop.call_soon_threadsafe(self.put, [_CLOSED])
+        except RuntimeError:  # its event loop is closed: nobody reads this stream any more
+            pass
 
     def __del__(self) -> None:
         self.close()

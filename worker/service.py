@@ -75,6 +75,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def Status(self, request: worker_pb2.WorkerStatusRequest, context) -> worker_pb2.WorkerStatusResponse:
         engine = self.engine
+        # device memory queries need no engine thread (they create no cuBLAS state) and must not wait for a step
         memory = await asyncio.to_thread(engine.memory)
         report = engine.load_report
         return worker_pb2.WorkerStatusResponse(
