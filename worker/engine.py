@@ -96,33 +96,29 @@ class Engine:
                 self._outbox.flush()
 
     def _iterate(self) -> None:
-        busy = self._awake() and self.scheduler.has_work and not self._gathering()
+        hold = self._hold()
+        busy = self._awake() and self.scheduler.has_work and hold is None
         if not busy:  # the last step's tokens go out before the thread waits for work
             self._drain()
-        timeout = None
-        if not busy and self._gather is not None:
-            expected, shadow, until = self._gather
-            timeout = max(0.0, (shadow if self.streams >= expected else until) - time.monotonic())
         # the step in flight is accounted and its tokens sent before a command changes anything
-        self._thread.run_pending(not busy, timeout, before=self._drain)
+        self._thread.run_pending(not busy, hold, before=self._drain)
         self._outbox.flush()
-        if not self._thread.stopped and self._awake() and not self._gathering():
+        if not self._thread.stopped and self._awake() and self._hold() is None:
             self._step()
 
     def _awake(self) -> bool:
         return self.weights is not None and self.weights.state is WeightState.AWAKE
 
-    def _gathering(self) -> bool:
-        """A wake is holding its first step for requests still on their way."""
+    def _hold(self) -> float | None:
+        """Seconds more a wake holds its first step for requests still on their way; None once it does not."""
         if self._gather is None:
-            return False
+            return None
         expected, shadow, until = self._gather
-        now = time.monotonic()
-        arrived = len(self.scheduler.waiting) + len(self.scheduler.running)
-        if (arrived >= expected and now >= shadow) or now >= until:
+        left = (shadow if self.streams >= expected else until) - time.monotonic()
+        if left <= 0:
             self._gather = None
-            return False
-        return True
+            return None
+        return left
 
     # -- one step -------------------------------------------------------------------------------------------
     def _step(self) -> None:
@@ -256,7 +252,6 @@ class Engine:
             self._fail(self.scheduler.drain(), SleepAbortError("cancelled: the model was put to sleep"))
         self._gather = None
         if self.weights.state is WeightState.AWAKE:
-            self.weights.settle()  # a wake still landing: finish it before the cache goes
             self.kv_cache.unbind()
             if not self.weights.arena.stable_addresses:
                 self.runner.forget_graphs()  # they captured the arena's addresses, which are about to be freed

@@ -62,7 +62,6 @@ class ModelRunner:
         self._static: _StaticInputs | None = None
         self.captures = 0  # graphs captured so far (stays put across sleeps with stable addresses)
         self.replays = 0
-        self.eager_steps = 0
 
     @torch.inference_mode()
     def forward(self, batch: Batch, eager: bool = False, ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,7 +70,6 @@ class ModelRunner:
         `batch.tokens`: a step queued before the tokens it feeds reached the host."""
         shape = None if eager or not self.graphs_enabled else self._graph_shape(batch)
         if shape is None or shape in self._uncapturable:
-            self.eager_steps += 1
             return self._eager(batch, ids)
         return self._replay(batch, *shape, ids)
 
@@ -121,7 +119,6 @@ class ModelRunner:
                 log.exception("capturing the graph of %d tokens in %d sequences failed; that shape runs eagerly",
                               tokens, seqs)
                 self._uncapturable.add((tokens, seqs, decode))
-                self.eager_steps += 1
                 return self._eager(batch, ids)
         static.fill(batch, tokens, seqs, decode, ids)
         graph.replay()
