@@ -276,6 +276,7 @@ def main() -> None:
                     help="time for transformers' rows after batch 16's (each new shape compiles first)")
     ap.add_argument("--daemon-flag", action="append", default=[], help="more ksleepd start flags")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--daemon-log", type=Path, help="keep ksleepd's log there")
     args = ap.parse_args()
     import torch
 
@@ -294,7 +295,7 @@ def main() -> None:
     R["floor_s"] = weight_bytes / (R["pinned_h2d_peak_GBps"] * 1e9) if cuda else None
     port = 18000 + os.getpid() % 1000
     daemon = SpawnedDaemon(args.model, args.device, PREFIX, "--http", str(port), "--kv-cache", args.kv_cache,
-                           "--keep-pool", *args.daemon_flag)
+                           "--keep-pool", *args.daemon_flag, log_path=args.daemon_log)
     http = f"http://127.0.0.1:{port}"
     try:
         with Client(daemon.address) as client:

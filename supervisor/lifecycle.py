@@ -372,7 +372,8 @@ class Lifecycle:
         self.sleeps_total += 1
         self.last_sleep = sleep
         self.metrics.sleep_seconds.observe(sleep.seconds)
-        log.info("asleep at level %d in %.3f s", level, sleep.seconds)
+        log.info("asleep at level %d in %.3f s %s", level, sleep.seconds,
+                 " ".join(f"{name}={seconds * 1e3:.1f}ms" for name, seconds in sleep.phases.items()))
         self._record()
         return sleep
 

@@ -65,8 +65,9 @@ class _LifecycleCollector:
             gauges.update({
                 "ksleep_requests_running": ("Requests in the worker's batch", batch.running),
                 "ksleep_requests_waiting": ("Requests queued for the batch or for KV cache room", batch.waiting),
-                "ksleep_kv_cache_bytes": ("Device bytes the batch KV cache takes while awake (none while asleep)",
-                                          batch.kv_cache_bytes),
+                "ksleep_kv_cache_bytes": ("Device bytes of the batch KV cache, mapped or not", batch.kv_cache_bytes),
+                "ksleep_kv_cache_mapped_bytes": ("Device bytes of the KV cache on the device now (mapped as requests "
+                                                 "need it; none while asleep)", batch.kv_mapped_bytes),
                 "ksleep_kv_cache_tokens": ("Positions the KV cache holds", batch.kv_cache_tokens),
                 "ksleep_kv_cache_usage": ("Share of the KV cache reserved by running requests",
                                           batch.kv_used_tokens / batch.kv_cache_tokens if batch.kv_cache_tokens else 0.0),

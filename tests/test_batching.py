@@ -7,7 +7,7 @@ import torch
 
 from ksleep.worker import SamplingParams
 from ksleep.worker.attention import GatherIndex, _gather_attention
-from ksleep.worker.errors import BusyError, ClosedError, QueueFullError, SleepAbortError
+from ksleep.worker.errors import BusyError, ClosedError, DeviceMemoryError, QueueFullError, SleepAbortError
 from ksleep.worker.kvcache import CacheSize, ExtentAllocator, KVCache
 from ksleep.worker.runner import Batch, ModelRunner
 
@@ -118,6 +118,51 @@ def test_a_full_cache_queues_requests_and_serves_them_in_order(open_engine):
     stats = engine.stats()
     assert stats.waiting >= 1 and stats.running < 5
     assert [[e.token_id for e in s] for s in streams] == [want] * 5
+
+
+def test_no_device_memory_for_a_requests_extent_fails_that_request_alone(open_engine):
+    engine = open_engine()
+    want = solo(engine, PROMPT, SamplingParams(max_tokens=6))
+    mapped = []
+
+    def no_room(lo: int, hi: int) -> None:
+        mapped.append((lo, hi))
+        raise DeviceMemoryError(f"no room on the device for KV cache bytes {lo:,}-{hi:,}")
+
+    backing, engine.kv_cache.backing = engine.kv_cache.backing, no_room
+    try:
+        refused = engine.generate(PROMPT, SamplingParams(max_tokens=6))
+        with pytest.raises(DeviceMemoryError, match="KV cache bytes"):
+            list(refused)
+    finally:
+        engine.kv_cache.backing = backing
+    lo, hi = mapped[0]
+    assert hi - lo >= (len(engine.encode(PROMPT, 1)) + 7) * engine.kv_cache.position_bytes
+    assert engine.kv_cache.extents.used == 0 and engine.streams == 0  # nothing half-reserved
+    assert solo(engine, PROMPT, SamplingParams(max_tokens=6)) == want  # and the engine keeps serving
+
+
+def test_a_sleep_reports_where_its_time_went(open_engine):
+    engine = open_engine()
+    result = engine.sleep(1)
+    assert {"settle", "release_kv_cache", "release_weights"} <= set(result.phases)
+    assert sum(result.phases.values()) <= result.seconds + 1e-6
+    assert result.to_pb().phases["release_weights"] == pytest.approx(result.phases["release_weights"])
+    engine.wake()
+
+
+def test_the_cache_is_position_major_so_an_extent_is_one_byte_range():
+    cache = KVCache(3, 2, 4, 64, torch.float32)
+    block = torch.zeros(cache.nbytes, dtype=torch.uint8)
+    cache.bind(block)
+    for layer in range(3):
+        for t in (cache.keys[layer], cache.values[layer]):
+            assert t.shape == (64, 2, 4)
+            t[20:30].fill_(1.0)  # positions 20..29 of every layer, keys and values
+    touched = (block.view(torch.float32) != 0).nonzero().flatten()
+    per = cache.position_bytes // 4
+    assert (touched.min().item(), touched.max().item()) == (20 * per, 30 * per - 1)
+    assert len(touched) == 10 * per  # exactly those positions' bytes: one range
 
 
 def test_a_request_that_can_never_fit_is_refused_at_once_with_its_size_and_the_limit(open_engine):

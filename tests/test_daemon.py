@@ -22,8 +22,8 @@ S = common_pb2
 def start_daemon(tmp_path, prefix):
     daemons = []
 
-    def start(model="synthetic:tiny", *flags, ready=True):
-        daemon = Daemon(tmp_path, prefix, model, *flags)
+    def start(model="synthetic:tiny", *flags, ready=True, env=None):
+        daemon = Daemon(tmp_path, prefix, model, *flags, env=env)
         daemons.append(daemon)
         return daemon.wait_ready() if ready else daemon
 
@@ -136,7 +136,8 @@ def test_sleep_waits_for_streams_or_aborts_them(start_daemon):
 
 def test_the_batch_and_its_cache_are_in_status_and_bounds_give_clear_errors(start_daemon):
     daemon = start_daemon("synthetic:tiny", "--idle-timeout", "0", "--kv-cache", "40KiB", "--max-batch", "1",
-                          "--max-queue", "1", "--sample-interval", "0.2")
+                          "--max-queue", "1", "--sample-interval", "0.2",
+                          env={"KSLEEP_FAULT_STEP_DELAY": "0.05"})  # the running request lasts a second
     batch = daemon.status().batch
     assert (batch.kv_cache_tokens, batch.max_batch, batch.max_queue, batch.attention) == (80, 1, 1, "gather")
     assert batch.kv_cache_bytes == 80 * 512 and batch.running == batch.waiting == 0

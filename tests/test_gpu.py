@@ -37,9 +37,9 @@ def test_sleep_frees_device_memory_and_wake_restores_identical_output(gpu_engine
     engine = gpu_engine(vmm=vmm)
     assert engine.load_report.pinned
     baseline = engine.complete(PROMPT, GREEDY).token_ids
-    awake = used()
+    awake, kv_mapped = used(), engine.arena.scratch_bytes
     engine.sleep(1)
-    assert awake - used() >= (engine.layout.total_bytes + engine.kv_cache.nbytes) * 0.9  # weights and KV cache
+    assert awake - used() >= (engine.layout.total_bytes + kv_mapped) * 0.9  # weights and the KV cache mapped
     assert engine.memory().resident_bytes == 0
     for _ in range(3):
         engine.wake()
@@ -166,6 +166,28 @@ def test_steps_replay_cuda_graphs_captured_once_across_sleeps_and_match_eager_st
     assert engine.runner.captures == len(engine.runner.graph_shapes) >= captures
     engine.runner.graphs_enabled = False
     assert engine.complete(PROMPT, GREEDY).token_ids == baseline and together(engine, PROMPTS) == batch
+
+
+def test_with_vmm_the_kv_cache_is_mapped_as_requests_need_it_and_unmapped_at_sleep(gpu_engine):
+    engine = gpu_engine(kv_cache="2GiB")
+    arena = engine.arena
+    assert arena.stable_addresses
+    head = arena.scratch_bytes
+    assert 0 < head < arena.scratch_bytes_planned // 4  # a load maps the head alone
+    baseline = engine.complete(PROMPT, GREEDY).token_ids
+    cache = engine.kv_cache
+    for _ in range(2):
+        # an extent (on the engine's thread, as the scheduler takes them) over nearly the whole cache: mapped now
+        start = engine._call(cache.reserve, cache.usable_tokens - 512)
+        assert arena.scratch_bytes >= arena.scratch_bytes_planned - 2 * (256 << 20)
+        assert engine.complete(PROMPT, GREEDY).token_ids == baseline
+        engine._call(cache.extents.release, start)
+        before = used()
+        engine.sleep(1)
+        assert arena.scratch_bytes == 0 and before - used() >= engine.layout.total_bytes + engine.kv_cache.nbytes // 2
+        engine.wake(overlap=True)
+        assert arena.scratch_bytes == head
+        assert engine.complete(PROMPT, GREEDY).token_ids == baseline
 
 
 def test_without_stable_addresses_the_graphs_are_captured_again_after_a_wake(gpu_engine):

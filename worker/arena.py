@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 COPY_CHUNK = PIN_CHUNK  # 1 GiB: copy and checksum overlap chunk by chunk; only the last check shows
 # (measured on an H200: 1 GiB chunks verify at no cost, 256 MiB chunks cost ~7 ms in stream switches)
+# With VMM the scratch block (the KV cache) is mapped in pieces of this size as requests need them: mapping or
+# unmapping costs ~0.65 ms per GiB on an H200, so a 16 GiB cache mapped whole at each wake made the copy 9 ms
+# slower and each sleep 10 ms longer (benchmarks/wake_breakdown.py)
+SCRATCH_PIECE = 256 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,12 +58,14 @@ def plan_blocks(layout: ArenaLayout, keep_layers: int, per_segment: bool = False
 
 
 class DeviceArena:
-    """`scratch_bytes` adds a block after the weights for the batch KV cache (kvcache.py): it lives in the same
+    """`scratch_bytes` adds scratch after the weights for the batch KV cache (kvcache.py): it lives in the same
     address range (so a CUDA graph that captured it stays valid), is released on sleep and is never copied or
-    verified."""
+    verified. With VMM it is cut into SCRATCH_PIECE pieces: a wake maps those holding the first `scratch_head`
+    bytes, `map_scratch` the others when they are first needed; without VMM it is one block, there whenever the
+    weights are."""
 
     def __init__(self, layout: ArenaLayout, device: torch.device, keep_layers: int = 0, vmm: str = "auto",
-                 scratch_bytes: int = 0):
+                 scratch_bytes: int = 0, scratch_head: int = 0):
         self.layout = layout
         self.device = device
         self._vrange: VirtualRange | None = None
@@ -80,9 +86,15 @@ class DeviceArena:
         # VMM maps a block in ~0.1 ms, so it can map segment by segment ahead of the copy; torch allocations
         # are fewer and larger
         self.blocks = plan_blocks(layout, keep_layers, per_segment=self._vrange is not None)
-        if scratch:
-            self.blocks.append(Block(layout.total_bytes, layout.total_bytes + scratch, False, weights=False))
+        base = layout.total_bytes
+        piece = scratch if self._vrange is None else -(-SCRATCH_PIECE // self._vrange.granularity) * self._vrange.granularity
+        for lo in range(0, scratch, piece or 1):
+            self.blocks.append(Block(base + lo, base + min(scratch, lo + piece), False, weights=False))
         self._starts = [b.start for b in self.blocks]
+        self._scratch = (base, base + scratch)
+        # pieces that start past this are mapped on demand (the first piece always belongs to the head)
+        self._head_end = base + max(1, min(scratch_head, scratch))
+        self._scratch_tensor: torch.Tensor | None = None
 
     @property
     def stable_addresses(self) -> bool:
@@ -95,8 +107,8 @@ class DeviceArena:
 
     @property
     def scratch_bytes_planned(self) -> int:
-        """Size of the scratch block, present or not (0 without one)."""
-        return 0 if self.blocks[-1].weights else self.blocks[-1].nbytes
+        """Size of the scratch, present or not (0 without any)."""
+        return self._scratch[1] - self._scratch[0]
 
     @property
     def scratch_bytes(self) -> int:
@@ -107,7 +119,8 @@ class DeviceArena:
         return [b for b in self.blocks if not b.resident]
 
     def missing_blocks(self) -> list[Block]:
-        return [b for b in self.blocks if b.start not in self._tensors]
+        """Blocks without memory that an awake arena must have (scratch pieces past the head are on demand)."""
+        return [b for b in self.blocks if b.start not in self._tensors and (b.weights or b.start < self._head_end)]
 
     def allocate(self, defer: bool = False) -> list[Block]:
         """Give memory to every block that has none; returns those blocks (their contents are undefined).
@@ -130,25 +143,34 @@ class DeviceArena:
         faults.check_allocation(block.nbytes)
         if self._vrange is not None:
             self._vrange.map(block.start, block.nbytes)
-            if not block.weights:  # the KV cache, mutated by compiled steps: its own storage
-                return self._vrange.own_tensor(block.start, block.nbytes)
             return self._vrange.tensor[block.start : block.end]
         try:
             return torch.empty(block.nbytes, dtype=torch.uint8, device=self.device)
         except torch.OutOfMemoryError as exc:
             raise DeviceMemoryError(f"no room on {self.device} for {block.nbytes:,} bytes of weights: {exc}") from exc
 
+    def map_scratch(self, lo: int, hi: int) -> None:
+        """Give memory to the scratch pieces holding scratch bytes [lo, hi) that have none (the head must be
+        there). Raises DeviceMemoryError when the device has no room; the pieces mapped before stay."""
+        start, end = self._scratch[0] + lo, self._scratch[0] + hi
+        for block in self.blocks[bisect.bisect_right(self._starts, start) - 1:]:
+            if block.start >= end:
+                break
+            if not block.weights and block.start not in self._tensors:
+                self._tensors[block.start] = self._new_block(block)
+
     def _drop_block(self, block: Block) -> None:
         if self._tensors.pop(block.start, None) is not None and self._vrange is not None:
             self._vrange.unmap(block.start)
 
-    def release(self) -> int:
-        """Free every non-resident block; returns the bytes given back."""
+    def release(self, weights: bool | None = None) -> int:
+        """Free every non-resident block (`weights` True: the weight blocks only, False: the scratch block only);
+        returns the bytes given back."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # no kernel may still read what we unmap
         freed = 0
         for block in self.released_blocks():
-            if block.start in self._tensors:
+            if block.start in self._tensors and weights in (None, block.weights):
                 self._drop_block(block)
                 freed += block.nbytes
         return freed
@@ -173,9 +195,16 @@ class DeviceArena:
         return torch.cat([block_sums(self._tensors[b.start]) for b in self.blocks if b.weights])
 
     def scratch(self) -> torch.Tensor | None:
-        """The scratch block's bytes while it is present, else None."""
-        block = self.blocks[-1]
-        return None if block.weights else self._tensors.get(block.start)
+        """The scratch bytes (one tensor over all of them, pieces on demand included) while its head is present,
+        else None."""
+        start, end = self._scratch
+        if start == end or start not in self._tensors:
+            return None
+        if self._vrange is None:
+            return self._tensors[start]
+        if self._scratch_tensor is None:  # its own storage, not a view of the weights' tensor
+            self._scratch_tensor = self._vrange.own_tensor(start, end - start)
+        return self._scratch_tensor
 
     def views(self) -> dict[str, torch.Tensor]:
         """A typed view per layout slot, into whichever block holds it."""
@@ -195,6 +224,7 @@ class DeviceArena:
     def close(self) -> None:
         for block in list(self.blocks):
             self._drop_block(block)
+        self._scratch_tensor = None
         if self._vrange is not None:
             self._vrange.close()
             self._vrange = None

@@ -18,6 +18,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from . import faults
 from .arena import DeviceArena
 from .commands import CommandThread
 from .config import WorkerConfig
@@ -126,12 +127,16 @@ class Engine:
         step can be planned without its tokens: the GPU then never waits for the host between decode steps."""
         if self._inflight is None:
             step = self.scheduler.plan()
+            for seq, exc in self.scheduler.refused:
+                self._outbox.add(seq.stream, [exc])
+            self.scheduler.refused.clear()
             if step is None:
                 return
             self._inflight = self._launch(step)
             if self._inflight is None:
                 return
         step, drawn = self._inflight
+        faults.step_delay()
         follow = self.scheduler.follow(step) if self._pipeline else None
         self._inflight = self._launch(follow, drawn.tokens) if follow is not None else None
         self._pending = self.scheduler.complete(step, self.sampler.collect(drawn))
@@ -141,15 +146,14 @@ class Engine:
     def _launch(self, step: Step, ids: torch.Tensor | None = None) -> tuple[Step, Draw] | None:
         """Queue `step`'s forward and draws (a forward behind a wake's copy is settled here: synchronously).
 
-        A step without a decode row runs eagerly, awake or not: the first step after a wake always is one, and
-        its layers must wait for their weights (hooks, which a graph would skip), so a request alone gets the same
-        kernels for its prompt whether the model slept or not, hence the same tokens. Steps with decode rows replay
-        graphs."""
+        Behind the copy the step runs eagerly, its layers waiting for their weights (hooks, which a graph would
+        skip), over the padded inputs of the graph it would otherwise replay (runner.py): a request alone gets the
+        same kernels for its prompt whether the model slept or not, hence the same tokens."""
         behind_copy = self.weights.filling
         try:
-            logits = self.runner.forward(step.batch, eager=behind_copy or not step.decodes, ids=ids)
+            logits = self.runner.forward(step.batch, eager=behind_copy, ids=ids)
             if behind_copy and self.weights.settle():  # it read a pool that proved corrupt, now rebuilt
-                logits = self.runner.forward(step.batch, eager=not step.decodes)  # nothing accounted yet: run it again
+                logits = self.runner.forward(step.batch)  # nothing accounted yet: run it again
         except BaseException as exc:
             if not self._awake():  # the rebuild failed: no weights to serve anyone with
                 self._fail(list(self.scheduler.running) + list(self.scheduler.waiting), exc)

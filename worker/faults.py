@@ -5,6 +5,7 @@ environment (read at the moment of use, never at import):
                                        the device memory (DeviceMemoryError -> RESOURCE_EXHAUSTED)
   KSLEEP_FAULT_TRANSITION_DELAY=SECONDS  every sleep and wake takes that much longer (to kill a worker inside one)
   KSLEEP_FAULT_SHM_FREE_BYTES=N        pretend the pool's filesystem has N bytes free
+  KSLEEP_FAULT_STEP_DELAY=SECONDS      every batch step takes that much longer (a slow device: queues fill)
 """
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ def check_allocation(nbytes: int) -> None:
 
 def transition_delay() -> None:
     seconds = float(os.environ.get("KSLEEP_FAULT_TRANSITION_DELAY", "0") or 0)
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+def step_delay() -> None:
+    seconds = float(os.environ.get("KSLEEP_FAULT_STEP_DELAY", "0") or 0)
     if seconds > 0:
         time.sleep(seconds)
 

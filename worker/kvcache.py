@@ -1,8 +1,11 @@
 """The batch KV cache: every running sequence's keys and values in one block of device memory.
 
-For each layer, keys [tokens, kv_heads, head_dim] then values of the same shape, one after the other in the
-arena's scratch block (arena.py): released on sleep, mapped back at the same address on wake (CUDA VMM, so the
-decode graphs that captured it stay valid), never copied (a sleeping model has no sequences).
+Position-major: [tokens, layers, key|value, kv_heads, head_dim] in the arena's scratch (arena.py), so that the
+positions [a, b) of every layer are one byte range [a, b) x `position_bytes`: with CUDA VMM the arena maps the
+cache piece by piece as extents are handed out (`reserve`), a sleep unmaps only what was used and a wake maps
+only the head (the pad positions and what a padding sequence reads). Each layer's keys are a strided
+[tokens, kv_heads, head_dim] view, which the flash kernel reads in place. Released on sleep, mapped back at the
+same address on wake (the graphs that captured it stay valid), never copied (a sleeping model has no sequences).
 
 A sequence owns one contiguous extent of positions, reserved when it is admitted, for its prompt, its max_tokens
 and one more (the decode step that samples its last token writes that token's key and value). So a running
@@ -16,6 +19,7 @@ The first PAD_TOKENS positions are never handed out: the padding rows of a graph
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
@@ -28,8 +32,8 @@ GRANULE = 16  # extents are multiples of this many positions (less bookkeeping, 
 ACTIVATION_RESERVE = 2 << 30  # device bytes left to activations, graphs and cuBLAS when sizing by fraction
 CPU_AUTO_BYTES = 256 << 20
 GPU_AUTO_FRACTION = 0.5
-# `auto` on a GPU stops at this many positions per batch slot: a bigger cache makes every sleep and wake longer
-# (unmapping 16 GiB measured ~6 ms of a sleep on an H200) and holds memory a shared GPU's other users could have
+# `auto` on a GPU stops at this many positions per batch slot: a bigger cache holds memory a shared GPU's other
+# users could have (and, with every piece mapped, makes a sleep longer: ~0.65 ms per GiB unmapped on an H200)
 AUTO_POSITIONS_PER_SLOT = 2048
 
 @dataclass(frozen=True, slots=True)
@@ -83,10 +87,25 @@ class KVCache:
 
     def __init__(self, layers: int, heads: int, dim: int, tokens: int, dtype: torch.dtype):
         self.layers, self.heads, self.dim, self.tokens, self.dtype = layers, heads, dim, tokens, dtype
-        self.nbytes = 2 * layers * tokens * heads * dim * dtype.itemsize
+        self.position_bytes = 2 * layers * heads * dim * dtype.itemsize
+        self.nbytes = tokens * self.position_bytes
         self.extents = ExtentAllocator(tokens, PAD_TOKENS)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        # gives memory to cache bytes [lo, hi) before an extent there is used (the arena's map_scratch)
+        self.backing: Callable[[int, int], None] | None = None
+
+    def reserve(self, tokens: int) -> int | None:
+        """The start of a new extent of at least `tokens` positions, its memory mapped; None when no free range
+        is that long. Raises DeviceMemoryError (and reserves nothing) when the device has no room to map it."""
+        start = self.extents.reserve(tokens)
+        if start is not None and self.backing is not None:
+            try:
+                self.backing(start * self.position_bytes, (start + self.extents.size(start)) * self.position_bytes)
+            except BaseException:
+                self.extents.release(start)
+                raise
+        return start
 
     @classmethod
     def for_model(cls, config, dtype: torch.dtype, tokens: int) -> KVCache:
@@ -102,11 +121,9 @@ class KVCache:
 
     def bind(self, block: torch.Tensor) -> None:
         """Point the views at `block` (uint8, at least `nbytes`; the arena's scratch while awake)."""
-        flat = block[: self.nbytes].view(self.dtype)
-        per = self.tokens * self.heads * self.dim
-        shape = (self.tokens, self.heads, self.dim)
-        self.keys = [flat[2 * i * per: (2 * i + 1) * per].view(shape) for i in range(self.layers)]
-        self.values = [flat[(2 * i + 1) * per: (2 * i + 2) * per].view(shape) for i in range(self.layers)]
+        flat = block[: self.nbytes].view(self.dtype).view(self.tokens, self.layers, 2, self.heads, self.dim)
+        self.keys = [flat[:, i, 0] for i in range(self.layers)]
+        self.values = [flat[:, i, 1] for i in range(self.layers)]
 
     def unbind(self) -> None:
         self.keys, self.values = [], []
@@ -141,6 +158,10 @@ class ExtentAllocator:
                 self._owned[start] = size
                 return start
         return None
+
+    def size(self, start: int) -> int:
+        """Positions of the extent at `start`."""
+        return self._owned[start]
 
     def release(self, start: int) -> None:
         size = self._owned.pop(start)

@@ -10,7 +10,7 @@ import torch
 from . import attention
 from .config import WorkerConfig
 from .arena import DeviceArena
-from .kvcache import CacheSize, KVCache, bytes_per_token, head_dim, kv_heads
+from .kvcache import PAD_TOKENS, CacheSize, KVCache, bytes_per_token, head_dim, kv_heads
 from .prepared import PreparedModel
 from .prompt import PromptEncoder
 from .reports import LoadReport, Phases
@@ -61,7 +61,11 @@ def load_parts(config: WorkerConfig, prepared: PreparedModel | None, awake: bool
     per_token = bytes_per_token(model_config, dtype)
     tokens = CacheSize.parse(config.kv_cache).tokens(per_token, device, layout.total_bytes, config.max_batch)
     kv_cache = KVCache.for_model(model_config, dtype, tokens)
-    arena = DeviceArena(layout, device, config.keep_layers, config.vmm, kv_cache.nbytes)
+    graph_tokens = max(config.prefill_chunk, config.max_batch + 32)  # the largest step a graph runs
+    # mapped at every wake: the pad positions, and what the padding sequence of a graph's step may read (from 0)
+    head = max(graph_tokens, PAD_TOKENS) * kv_cache.position_bytes
+    arena = DeviceArena(layout, device, config.keep_layers, config.vmm, kv_cache.nbytes, head)
+    kv_cache.backing = arena.map_scratch
     weights = WeightStore(config, device, prepared.source, skeleton, layout, arena, phases)
     reason = attention.flash_unavailable_reason(device, dtype, int(model_config.num_attention_heads),
                                                 kv_heads(model_config), head_dim(model_config))
@@ -71,7 +75,7 @@ def load_parts(config: WorkerConfig, prepared: PreparedModel | None, awake: bool
     if config.cuda_graphs == "on" and reason is not None:
         raise ValueError(f"cuda_graphs=on, but CUDA graphs do not apply here: {reason}")
     runner = ModelRunner(skeleton.model, kv_cache, device, backend, config.cuda_graphs != "off", config.max_batch,
-                         max(config.prefill_chunk, config.max_batch + 32))
+                         graph_tokens)
     scheduler = Scheduler(kv_cache, config.max_batch, config.max_queue, config.prefill_chunk)
     phases.mark("prepare")
     try:

@@ -51,12 +51,14 @@ class SleepResult:
     level: int
     seconds: float
     bytes_freed: int
+    phases: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def to_pb(self) -> common_pb2.Transition:
-        return common_pb2.Transition(seconds=self.seconds, bytes=self.bytes_freed, level=self.level, at_unix=time.time())
+        return common_pb2.Transition(seconds=self.seconds, bytes=self.bytes_freed, level=self.level, at_unix=time.time(),
+                                     phases=self.phases)
 
 
 @dataclass(slots=True)

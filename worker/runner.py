@@ -10,8 +10,9 @@ addresses (CUDA VMM) the graphs stay valid across sleeps; otherwise they are dro
 Padding: in a decode step (one token per sequence) each padding row is a one-token sequence at the cache's pad
 position; in a step with prompt tokens, the padding tokens form one extra sequence, also written at the pad
 position, and padding sequences feed no token at all. Padding rows only ever write the pad positions and their
-outputs are dropped. Steps the engine asks to run eagerly (those without a decode: see engine.py), steps larger
-than the largest bucket, and the "gather" attention backend run eagerly.
+outputs are dropped. A step the engine asks to run eagerly (behind a wake's copy: see engine.py) launches the
+kernels of the graph it would replay, over the same padded inputs. Steps larger than the largest bucket and the
+"gather" attention backend run eagerly over unpadded inputs.
 """
 from __future__ import annotations
 
@@ -65,12 +66,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: Batch, eager: bool = False, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [S, vocab] of each sequence's last token this step. A replayed graph returns its output buffer:
-        read it before the next forward. `eager` forces the eager path. `ids` ([T] on the device) replaces
-        `batch.tokens`: a step queued before the tokens it feeds reached the host."""
-        shape = None if eager or not self.graphs_enabled else self._graph_shape(batch)
+        """Logits [S, vocab] of each sequence's last token this step. A graph's output is its buffer: read it
+        before the next forward. `eager` launches the kernels one by one (a step behind a wake's copy, whose
+        layers wait for their weights), but over the inputs of the graph the step would replay, padding included:
+        the same kernels on the same shapes, hence the same numbers, whether the model slept or not. `ids` ([T] on
+        the device) replaces `batch.tokens`: a step queued before the tokens it feeds reached the host."""
+        shape = self._graph_shape(batch) if self.graphs_enabled else None
         if shape is None or shape in self._uncapturable:
             return self._eager(batch, ids)
+        if eager:
+            return self._padded(batch, *shape, ids)
         return self._replay(batch, *shape, ids)
 
     def _logits(self, ids: torch.Tensor, positions: torch.Tensor, step: StepContext, rows: torch.Tensor,
@@ -123,6 +128,14 @@ class ModelRunner:
         static.fill(batch, tokens, seqs, decode, ids)
         graph.replay()
         self.replays += 1
+        return static.logits[: len(batch.q_lens)]
+
+    def _padded(self, batch: Batch, tokens: int, seqs: int, decode: bool, ids: torch.Tensor | None) -> torch.Tensor:
+        """What the graph of (tokens, seqs, decode) runs, launched eagerly over the same static inputs."""
+        static = self._static or self._make_static()
+        static.fill(batch, tokens, seqs, decode, ids)
+        static.convert(tokens, seqs)
+        self._logits(*static.graph_args(self.cache, tokens, seqs, decode), out=static.logits[:seqs])
         return static.logits[: len(batch.q_lens)]
 
     def _make_static(self) -> _StaticInputs:

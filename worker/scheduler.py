@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .errors import QueueFullError
+from .errors import DeviceMemoryError, QueueFullError
 from .kvcache import KVCache
 from .runner import Batch
 from .sequence import FINISH_ABORT, FINISH_ERROR, Sequence
@@ -57,6 +57,7 @@ class Scheduler:
     steps: int = 0
     tokens: int = 0
     queued_ahead: int = 0  # decode steps planned before the tokens of the step before them were on the host
+    refused: list = field(default_factory=list)  # (sequence, error) taken off the queue: no memory for its extent
 
     def check(self, seq: Sequence) -> None:
         """Refuse at once what can never run (ValueError) or cannot queue now (QueueFullError)."""
@@ -143,7 +144,13 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
-            start = self.cache.extents.reserve(seq.reserve_tokens)
+            try:
+                start = self.cache.reserve(seq.reserve_tokens)
+            except DeviceMemoryError as exc:  # another process holds the device memory its extent needs
+                self.waiting.popleft()
+                seq.finish = FINISH_ERROR
+                self.refused.append((seq, exc))
+                continue
             if start is None:
                 return  # the cache is full: it waits (and so does everyone behind it) for an extent to be freed
             self.waiting.popleft()

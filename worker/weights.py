@@ -201,21 +201,27 @@ class WeightStore:
         """Level 1: release the arena (weights and KV cache) and torch's cached blocks; the mirror stays. Level 2:
         also drop the mirror (wake reloads from the model source). The caller makes sure nothing runs."""
         self.check_open()
-        t0 = time.perf_counter()
+        phases = Phases(self.device)
         faults.transition_delay()
         freed = 0
         if self.state is WeightState.AWAKE:
             self.settle()  # a wake still landing: finish it (a corrupt pool is dropped, not slept on)
             self.skeleton.unbind()
-            freed = self.arena.release()
+            phases.mark("settle")
+            freed = self.arena.release(weights=False)
+            phases.mark("release_kv_cache", wait=False)
+            freed += self.arena.release(weights=True)
+            phases.mark("release_weights", wait=False)
             if self.device.type == "cuda":
                 if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
                     torch._C._cuda_clearCublasWorkspaces()  # before empty_cache, which then returns them
                 torch.cuda.empty_cache()
+                phases.mark("empty_cache", wait=False)
         if level == 2:
             self._drop_pool(unlink=True)
+            phases.mark("drop_pool", wait=False)
         self.state, self.sleep_level = WeightState.ASLEEP, max(level, self.sleep_level)
-        return SleepResult(level, time.perf_counter() - t0, freed)
+        return SleepResult(level, phases.total, freed, phases.seconds)
 
     def wake(self, overlap: bool = False) -> WakeResult:
         """One bulk copy from the pinned mirror (after level 1) or a reload from the source (after level 2).
