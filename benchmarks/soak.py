@@ -3,7 +3,14 @@ requests, every output identical to the baseline, and flat resource curves (RSS,
 bytes, device memory) between the first and the last 10 % of the cycles.
 
     python benchmarks/soak.py --model synthetic:tiny --device cpu --clients 8 --cycles 1000 --fuzz 10000
+    python benchmarks/soak.py --cycles 1000 --fault-every 100 --worker-timeout 2     # with faults, see below
     python benchmarks/soak.py --model synthetic:deepseek-r1-distill-qwen-7b --device cuda --cycles 30 --max-tokens 4
+
+With --fault-every N, three faults come in turn, one every N cycles, each while that cycle's clients are
+sent: the worker stopped (SIGSTOP: the watchdog must kill and replace it within --worker-timeout), the worker
+killed (SIGKILL), and a stalled client (a stream opened and never read again, alongside the others). Every
+request must still give the baseline's tokens (those sent to a stopped or killed worker are replayed on its
+successor); each fault's time to recovery and what the stalled client saw are reported.
 
 Exit status 0 when everything holds, 1 otherwise. This is a script to run and report, not a test.
 """
@@ -12,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import statistics
 import sys
@@ -69,6 +77,32 @@ def fuzz(client_channel, http, examples: int) -> int:
     return per * (4 if http else 2)
 
 
+def inject(cycle: int, every: int, client: Client, stalled: list) -> str | None:
+    """The fault of this cycle, if any (see the module's doc): done now, just before the cycle's clients."""
+    if not every or cycle == 0 or cycle % every:
+        return None
+    fault = ("stopped worker", "killed worker", "stalled client")[(cycle // every - 1) % 3]
+    if fault == "stalled client":
+        from ksleep.v1 import common_pb2, ksleep_pb2, ksleep_pb2_grpc
+
+        call = ksleep_pb2_grpc.KsleepStub(client.channel).Generate(ksleep_pb2.GenerateRequest(
+            prompt=common_pb2.Prompt(text=PROMPT), params=common_pb2.SamplingParams(max_tokens=200, ignore_eos=True)),
+            timeout=600)
+        stalled.append(call)  # never read until the end
+        return fault
+    pid = client.status().worker_pid
+    if pid:
+        os.kill(pid, signal.SIGSTOP if fault == "stopped worker" else signal.SIGKILL)
+    return fault
+
+
+def outcome(call) -> str:
+    try:
+        return f"{sum(1 for _ in call)} tokens"
+    except Exception as exc:  # noqa: BLE001 - what the client saw
+        return f"{type(exc).__name__}: {getattr(exc, 'code', lambda: '')()}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="synthetic:tiny")
@@ -79,6 +113,8 @@ def main() -> int:
     ap.add_argument("--idle-timeout", type=float, default=0.3)
     ap.add_argument("--fuzz", type=int, default=10000, help="fuzzing cases after the cycles (0: none)")
     ap.add_argument("--no-http", action="store_true", help="no HTTP face (fuzz gRPC only)")
+    ap.add_argument("--fault-every", type=int, default=0, help="cycles between injected faults (0: none)")
+    ap.add_argument("--worker-timeout", type=float, default=10.0, help="ksleepd --worker-timeout")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     with socket.socket() as s:
@@ -86,7 +122,8 @@ def main() -> int:
         port = s.getsockname()[1]
     prefix = f"ksleep-soak-{os.getpid()}"
     spawned = SpawnedDaemon(args.model, args.device, prefix, "--idle-timeout", str(args.idle_timeout),
-                            "--log-level", "warning", *([] if args.no_http else ["--http", f"127.0.0.1:{port}"]))
+                            "--log-level", "warning", "--worker-timeout", str(args.worker_timeout),
+                            *([] if args.no_http else ["--http", f"127.0.0.1:{port}"]))
     daemon = spawned.process
     client = Client(spawned.address)
     R: dict = {"args": vars(args) | {"json": str(args.json)}}
@@ -94,6 +131,7 @@ def main() -> int:
         spawned.wait_ready(client)
         baseline = client.complete(PROMPT, max_tokens=args.max_tokens).token_ids
         failures, mismatches, samples, lock = [], 0, [], threading.Lock()
+        faults, stalled = [], []  # what was injected; the stalled clients' streams (read at the end)
         t0 = time.time()
 
         def one_request():
@@ -114,15 +152,22 @@ def main() -> int:
                     failures.append(f"cycle {cycle}: never fell asleep")
                     break
                 time.sleep(0.02)
+            fault = inject(cycle, args.fault_every, client, stalled)
             threads = [threading.Thread(target=one_request) for _ in range(args.clients)]
+            started = time.monotonic()
             for t in threads:
                 t.start()
             for t in threads:
                 t.join(300)
+            if fault is not None:
+                faults.append({"cycle": cycle, "fault": fault, "cycle_seconds": time.monotonic() - started,
+                               "restarts": client.status().restarts})
             samples.append(resources(daemon.pid, prefix, client))
             if cycle % max(1, args.cycles // 20) == 0:
                 print(f"cycle {cycle}: {len(failures)} failures, {mismatches} mismatches, {samples[-1]}", flush=True)
         R["cycles_seconds"] = time.time() - t0
+        R["faults"] = faults
+        R["stalled_clients_saw"] = [outcome(call) for call in stalled]
         status = client.status()
         R["sleeps_total"], R["wakes_total"], R["restarts"] = status.sleeps_total, status.wakes_total, status.restarts
         tenth = max(1, len(samples) // 10)

@@ -57,6 +57,8 @@ class DaemonConfig:
     prefill_chunk: int = field(default=512, metadata={"help": "tokens a step feeds while requests decode (theirs included): a long prompt delays them by one such step at a time"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the checkpoint (off: no code is loaded)"})
     grace: float = field(default=5.0, metadata={"help": "seconds a worker gets to stop after SIGTERM before SIGKILL"})
+    worker_timeout: float = field(default=10.0, metadata={"help": "seconds a worker may leave health pings unanswered before it is declared hung, killed and restarted from the pool (requests without a token yet are replayed)"})
+    drain_timeout: float = field(default=60.0, metadata={"help": "seconds a sleep in WAIT mode lets running requests finish before it aborts what is left"})
     sample_interval: float = field(default=1.0, metadata={"help": "seconds between memory samples"})
     history: int = field(default=3600, metadata={"help": "memory samples kept for Status(include_history)"})
     http: str = field(default="", metadata={"help": "serve the OpenAI-compatible HTTP face on [HOST:]PORT (127.0.0.1 unless a host is given); off when empty"})
@@ -85,6 +87,8 @@ class DaemonConfig:
             check_int(name, getattr(self, name))
         if self.grace <= 0 or self.sample_interval <= 0 or self.history < 1:
             raise ValueError("grace and sample_interval must be > 0 and history >= 1")
+        if self.worker_timeout <= 0 or self.drain_timeout < 0:
+            raise ValueError("worker_timeout must be > 0 and drain_timeout >= 0")
         if self.http:
             _ = self.http_address  # raises ValueError for a malformed [HOST:]PORT
         if not self.listen.startswith("unix:") and not self.listen.startswith("/"):

@@ -13,6 +13,7 @@ import uvicorn
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ksleep.v1 import common_pb2, ksleep_pb2
@@ -32,9 +33,42 @@ FINISH = {common_pb2.FINISH_REASON_LENGTH: "length", common_pb2.FINISH_REASON_EO
           common_pb2.FINISH_REASON_STOP: "stop"}
 
 
-def error_response(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
+def error_response(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
     """An OpenAI-style error object."""
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status,
+                        headers=headers)
+
+
+TOO_LARGE = f"request body over {MAX_BODY:,} bytes"
+CLOSE = {"Connection": "close"}  # the rest of a refused body is never read, so the connection cannot serve another
+
+
+class _BodyLimit:
+    """Refuses request bodies over MAX_BODY with a 413 while they stream: a chunked body has no Content-Length to
+    check, so what arrives is counted and reading stops as soon as it passes the limit."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY:  # before the endpoint runs or a byte of the body is read
+            self.metrics.error("INVALID_ARGUMENT")
+            return await error_response(413, TOO_LARGE, headers=CLOSE)(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > MAX_BODY:  # FastAPI passes an HTTPException met while reading the body on to http_error
+                raise StarletteHTTPException(413, TOO_LARGE, CLOSE)
+            return message
+
+        await self.app(scope, counted, send)
 
 
 class _Server(uvicorn.Server):
@@ -81,21 +115,15 @@ def build_app(config: DaemonConfig, service: KsleepService) -> FastAPI:
         kind = "invalid_request_error" if status < 500 else "server_error"
         return error_response(status, message, kind, code.name.lower())
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            metrics.error("INVALID_ARGUMENT")
-            return error_response(400, f"request body over {MAX_BODY:,} bytes")
-        return await call_next(request)
+    app.add_middleware(_BodyLimit, metrics=metrics)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """Errors raised by the framework itself (unparsable body, unknown path, wrong method): same shape."""
-        if exc.status_code == 400:
+        if exc.status_code in (400, 413):
             metrics.error("INVALID_ARGUMENT")
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_response(exc.status_code, str(exc.detail), kind)
+        return error_response(exc.status_code, str(exc.detail), kind, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -23,6 +23,7 @@ from ksleep.worker import framing
 from ksleep.worker.errors import KsleepError
 
 log = logging.getLogger("ksleep.launcher")
+EARLY_EXIT_SECONDS = 60.0  # how long the exit of a worker whose handle is not made yet is remembered
 CHANNEL_OPTIONS = [
     # The socket appears when the model is ready: look for it often, so a restart is not held up by backoff.
     ("grpc.initial_reconnect_backoff_ms", 20),
@@ -59,6 +60,7 @@ class Forkserver:
         self.process: asyncio.subprocess.Process | None = None
         self._events: asyncio.Queue = asyncio.Queue()  # started / rejected, in request order
         self._exits: dict[int, asyncio.Future] = {}
+        self._early_exits: dict[int, tuple[float, int]] = {}  # pid -> (when, exit code) reported before its handle
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task | None = None
         self.preload_seconds = 0.0
@@ -85,8 +87,10 @@ class Forkserver:
         while (event := await framing.read_async(self.process.stdout, forkserver_pb2.ForkserverEvent)) is not None:
             kind = event.WhichOneof("event")
             if kind == "exited":
-                future = self.exit_future(event.exited.pid)
-                if not future.done():
+                future = self._exits.pop(event.exited.pid, None)
+                if future is None:  # its handle does not exist yet (it died at once): kept for it, briefly
+                    self._early_exits[event.exited.pid] = (time.monotonic(), event.exited.returncode)
+                elif not future.done():
                     future.set_result(event.exited.returncode)
             else:
                 self._events.put_nowait(event)
@@ -94,9 +98,18 @@ class Forkserver:
         self._events.put_nowait(None)
 
     def exit_future(self, pid: int) -> asyncio.Future:
-        if pid not in self._exits:
-            self._exits[pid] = asyncio.get_running_loop().create_future()
-        return self._exits[pid]
+        """A future for the exit code of worker `pid`, taken once by its handle right after the fork. Resolved
+        futures leave the table, so that a recycled pid never looks already dead."""
+        future = self._exits.get(pid) or asyncio.get_running_loop().create_future()
+        now = time.monotonic()
+        self._early_exits = {p: e for p, e in self._early_exits.items() if now - e[0] < EARLY_EXIT_SECONDS}
+        early = self._early_exits.pop(pid, None)
+        if early is not None:
+            future.set_result(early[1])
+        else:
+            self._exits[pid] = future  # (resolved by the forkserver's report, or by the handle's pidfd)
+            future.add_done_callback(lambda f: self._exits.get(pid) is f and self._exits.pop(pid))
+        return future
 
     async def fork(self, settings: forkserver_pb2.WorkerSettings) -> int:
         """Fork a worker; returns its pid. Cancelling the caller does not cancel the exchange: its answer is still

@@ -53,11 +53,12 @@ class _LifecycleCollector:
         gauges = {
             "ksleep_sleep_level": ("Sleep level (0 when awake)", lc.sleep_level),
             "ksleep_in_flight_requests": ("Generate calls streaming or waiting", lc.in_flight),
-            "ksleep_device_used_bytes": ("Device memory used, device-wide", latest.device_used if latest else 0),
             "ksleep_device_total_bytes": ("Device memory", info.memory.device_total_bytes if info else 0),
             "ksleep_pool_bytes": ("The shared-memory weight pool", lc.pool_bytes()),
             "ksleep_weight_bytes": ("The model's weights", info.memory.weight_bytes if info else 0),
         }
+        if latest is not None and latest.device_used is not None:  # absent while readings fail
+            gauges["ksleep_device_used_bytes"] = ("Device memory used, device-wide", latest.device_used)
         if latest is not None and latest.worker_device is not None:
             gauges["ksleep_worker_device_bytes"] = ("The worker process's device memory", latest.worker_device)
         batch = lc.batch if lc.worker is not None else None

@@ -108,7 +108,7 @@ def select_backend(device: str, uuid: str):
 class Sample:
     at_unix: float
     state: int  # common_pb2.State
-    device_used: int
+    device_used: int | None  # None: the reading failed (the figure is left out, the answer is not)
     worker_device: int | None
     pool_bytes: int
 
@@ -120,6 +120,6 @@ class MemoryHistory:
         self.samples: collections.deque[Sample] = collections.deque(maxlen=maxlen)
 
     def add(self, state: int, memory: DeviceMemory | None, pool_bytes: int) -> Sample:
-        sample = Sample(time.time(), state, memory.used if memory else 0, memory.process if memory else None, pool_bytes)
+        sample = Sample(time.time(), state, memory.used if memory else None, memory.process if memory else None, pool_bytes)
         self.samples.append(sample)
         return sample

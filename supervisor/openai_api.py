@@ -6,6 +6,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ksleep.v1 import common_pb2, ksleep_pb2
+from ksleep.worker.errors import ValidationError
+from ksleep.worker.limits import MAX_STOP_CHARS, MAX_STOP_STRINGS
 
 
 class _Sampling(BaseModel):
@@ -33,8 +35,8 @@ class _Sampling(BaseModel):
     @classmethod
     def _stops(cls, value):
         stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > 16 or any(not s for s in stops):
-            raise ValueError("stop takes up to 16 non-empty strings")
+        if len(stops) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop takes up to {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters")
         return stops
 
     def sampling_pb(self) -> common_pb2.SamplingParams:
@@ -55,7 +57,7 @@ class CompletionRequest(_Sampling):
         prompt = self.prompt
         if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
             if len(prompt) != 1:
-                raise ValueError("one prompt per request: send a single string")
+                raise ValidationError("one prompt per request: send a single string")
             prompt = prompt[0]
         wire = (common_pb2.Prompt(text=prompt) if isinstance(prompt, str)
                 else common_pb2.Prompt(token_ids=common_pb2.Prompt.TokenIds(ids=prompt)))

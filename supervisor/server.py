@@ -12,11 +12,14 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from ksleep.v1 import common_pb2, ksleep_pb2, ksleep_pb2_grpc, worker_pb2
+from ksleep.worker.errors import ValidationError
+from ksleep.worker.generation import SamplingParams, check_request, prompt_from_pb
 from ksleep.worker.interceptor import ErrorInterceptor
+from ksleep.worker.limits import PAD_TOKENS
 
 from .auth import ControlTokenInterceptor
 from .config import DaemonConfig
-from .lifecycle import Lifecycle, SleepAbortedError, WorkerGoneError
+from .lifecycle import Lifecycle, SleepAbortedError, WorkerAsleepError, WorkerGoneError
 from .metrics import Metrics
 
 log = logging.getLogger("ksleep.server")
@@ -39,6 +42,7 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
 
     async def Generate(self, request: ksleep_pb2.GenerateRequest, context):
         arrived = time.time()
+        self.check(request)  # before admission: a request refused here never wakes, spawns or queues anything
         for attempt in range(RETRIES + 1):
             sent = 0
             async with self.lifecycle.admit(arrived) as ticket:
@@ -47,12 +51,21 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
                         sent += 1
                         yield message
                     return
-                except WorkerGoneError:
-                    # A worker that died before this request's first token: the request is retried,
-                    # unseen, on its successor. Once tokens have left, the client must see the error.
+                except (WorkerGoneError, WorkerAsleepError) as exc:
+                    # A worker that died (or fell asleep by itself) before this request's first token: the
+                    # request is retried, unseen, on its successor (or after one wake). Once tokens have left, the
+                    # client must see the error.
                     if sent or attempt == RETRIES:
                         raise
-                    log.warning("worker died before the first token; retrying the request")
+                    log.warning("%s before the first token; retrying the request", exc)
+
+    def check(self, request: ksleep_pb2.GenerateRequest) -> None:
+        """Everything that can be checked without the model (ValidationError): the parameters, the prompt's shape
+        and size, and its length against the context and the KV cache the worker last reported."""
+        prompt, params = prompt_from_pb(request.prompt), SamplingParams.from_pb(request.params)
+        info = self.lifecycle.worker_info
+        cache = info.batch.kv_cache_tokens - PAD_TOKENS if info is not None and info.HasField("batch") else None
+        check_request(prompt, params, info.context_tokens if info is not None else None, cache)
 
     async def _relay(self, request: ksleep_pb2.GenerateRequest, ticket):
         call = ticket.worker.stub.Generate(worker_pb2.WorkerGenerateRequest(
@@ -81,6 +94,9 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
             # A cancelled worker call raises CancelledError: ours when SLEEP_MODE_ABORT did it.
             if ticket.aborted and not isinstance(exc, GeneratorExit):
                 raise SleepAbortedError("cancelled: the model was put to sleep with SLEEP_MODE_ABORT") from exc
+            if (isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+                    and await self.lifecycle.reconcile(ticket.worker)):
+                raise WorkerAsleepError("the worker was asleep") from exc
             if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE or (
                     isinstance(exc, Exception) and ticket.worker.exited.done()):
                 if await self.lifecycle.worker_died(ticket.worker):
@@ -92,7 +108,7 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
     async def Sleep(self, request: ksleep_pb2.SleepRequest, context) -> ksleep_pb2.SleepResponse:
         level = request.level if request.HasField("level") else None
         if level is not None and level not in (1, 2, 3):
-            raise ValueError(f"sleep level must be 1, 2 or 3, got {level}")
+            raise ValidationError(f"sleep level must be 1, 2 or 3, got {level}")
         transition, aborted = await self.lifecycle.sleep(level, request.mode)
         return ksleep_pb2.SleepResponse(sleep=transition, aborted_requests=aborted)
 
@@ -110,7 +126,7 @@ def status_message(lc: Lifecycle, include_history: bool = False) -> ksleep_pb2.S
     out = ksleep_pb2.StatusResponse(
         state=lc.state, sleep_level=lc.sleep_level, model=lc.config.model,
         device=info.device if info else lc.config.device, weight_bytes=info.memory.weight_bytes if info else 0,
-        device_used_bytes=latest.device_used if latest else 0,
+        device_used_bytes=(latest.device_used or 0) if latest else 0,  # 0 (unset): no reading
         device_total_bytes=info.memory.device_total_bytes if info else 0, pool_bytes=lc.pool_bytes(),
         worker_pid=lc.worker.pid if lc.worker else 0, restarts=lc.restarts, in_flight=lc.in_flight,
         idle_seconds=lc.idle_seconds(), idle_timeout_seconds=lc.config.idle_timeout,
@@ -133,7 +149,7 @@ def status_message(lc: Lifecycle, include_history: bool = False) -> ksleep_pb2.S
         out.batch.CopyFrom(lc.batch)
     if include_history:
         out.history.extend(ksleep_pb2.MemorySample(
-            at_unix=s.at_unix, state=s.state, device_used_bytes=s.device_used, pool_bytes=s.pool_bytes,
+            at_unix=s.at_unix, state=s.state, device_used_bytes=s.device_used or 0, pool_bytes=s.pool_bytes,
             **({"worker_device_bytes": s.worker_device} if s.worker_device is not None else {}))
             for s in lc.history.samples)
     return out

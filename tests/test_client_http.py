@@ -1,12 +1,14 @@
 """The client library, ksleepctl, the OpenAI-compatible HTTP face, metrics and the control token, against a
 live daemon on the tiny model."""
 import asyncio
+import http.client
 import json
 import os
 import socket
 import stat
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -14,6 +16,7 @@ from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from ksleep.client import Aborted, AsyncClient, Client, InvalidArgument, Unauthenticated
+from ksleep.supervisor.http import MAX_BODY
 
 from .daemon import PROMPT, Daemon
 
@@ -154,6 +157,47 @@ def test_bad_http_input_is_a_400_with_an_openai_error(daemon, body):
     r = httpx.post(daemon.http + "/v1/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     assert set(r.json()["error"]) >= {"message", "type"} and r.json()["error"]["message"]
+
+
+def assert_too_large(status: int, body: bytes) -> None:
+    assert status == 413, body
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and f"{MAX_BODY:,}" in error["message"]
+
+
+def test_chunked_body_over_the_limit_is_a_413_as_it_streams(daemon):
+    def body():  # ~24 MB with no Content-Length: httpx sends a generator chunked
+        yield b'{"prompt": "'
+        for _ in range(384):
+            yield b"x" * (1 << 16)
+        yield b'", "max_tokens": 1}'
+
+    start = time.monotonic()
+    r = httpx.post(daemon.http + "/v1/completions", content=body(), headers={"content-type": "application/json"},
+                   timeout=30)
+    assert time.monotonic() - start < 5
+    assert_too_large(r.status_code, r.content)
+    assert r.headers["connection"] == "close"  # the rest of the body is left unread, not drained
+    r = httpx.post(daemon.http + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_content_length_over_the_limit_is_a_413_before_the_body(daemon):
+    host, port = daemon.http.removeprefix("http://").split(":")
+    for path in ("/v1/completions", "/sleep?level=1"):  # /sleep reads no body: refused before the endpoint runs
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:  # announce a body over the limit but send none of it: only an answer that reads nothing comes back
+            conn.putrequest("POST", path)
+            for name, value in (("Content-Type", "application/json"), ("Content-Length", str(MAX_BODY + 1)),
+                                ("Authorization", f"Bearer {TOKEN}")):
+                conn.putheader(name, value)
+            conn.endheaders()
+            r = conn.getresponse()
+            assert_too_large(r.status, r.read())
+            assert r.getheader("connection") == "close"
+        finally:
+            conn.close()
+    assert httpx.get(daemon.http + "/is_sleeping").json() == {"is_sleeping": False}
 
 
 def test_vllm_sleep_endpoints_auto_wake_and_metrics(daemon):

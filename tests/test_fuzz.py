@@ -55,7 +55,7 @@ def test_http_chat(daemon, body):
 
 def test_oversized_http_body_is_refused(daemon):
     r = daemon.http.post("/v1/completions", content=b"x" * (17 << 20), headers={"content-type": "application/json"})
-    assert r.status_code == 400 and "over" in r.json()["error"]["message"]
+    assert r.status_code == 413 and "over" in r.json()["error"]["message"]
     assert [t.token.id for t in daemon.generate()] == daemon.baseline
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from ksleep.supervisor.config import DaemonConfig
 from ksleep.supervisor.monitor import parse_smi_json
-from ksleep.worker.errors import AsleepError, DeviceMemoryError, PoolCapacityError
+from ksleep.worker.errors import AsleepError, DeviceMemoryError, PoolCapacityError, ValidationError
 from ksleep.worker.interceptor import status_for
 
 
@@ -66,7 +66,9 @@ def test_rocm_smi_and_hy_smi_json_are_read():
 
 
 @pytest.mark.parametrize("exc, code", [
-    (ValueError("bad"), grpc.StatusCode.INVALID_ARGUMENT),
+    (ValidationError("bad"), grpc.StatusCode.INVALID_ARGUMENT),
+    (ValueError("a bug deep inside"), grpc.StatusCode.INTERNAL),  # not the client's fault
+    (TypeError("another bug"), grpc.StatusCode.INTERNAL),
     (AsleepError("asleep"), grpc.StatusCode.FAILED_PRECONDITION),
     (DeviceMemoryError("full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PoolCapacityError("shm"), grpc.StatusCode.RESOURCE_EXHAUSTED),

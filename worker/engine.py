@@ -22,7 +22,7 @@ from . import faults
 from .arena import DeviceArena
 from .commands import CommandThread
 from .config import WorkerConfig
-from .errors import AsleepError, BusyError, ClosedError, SleepAbortError
+from .errors import AsleepError, BusyError, ClosedError, SleepAbortError, ValidationError
 from .generation import FINISH_STOP, Completion, SamplingParams, TokenWriter
 from .loading import load_parts
 from .memory import MemoryReport
@@ -245,7 +245,7 @@ class Engine:
         Level 2: also drop the mirror (wake reloads from the model source). Refused (BusyError) while requests run
         or wait, unless `abort`, which ends them (their streams raise SleepAbortError)."""
         if level not in (1, 2):
-            raise ValueError(f"sleep level must be 1 or 2, got {level!r}")
+            raise ValidationError(f"sleep level must be 1 or 2, got {level!r}")
         return self._call(self._sleep, level, abort)
 
     def _sleep(self, level: int, abort: bool) -> SleepResult:

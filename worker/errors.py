@@ -12,6 +12,13 @@ class KsleepError(Exception):
     status = "INTERNAL"
 
 
+class ValidationError(KsleepError, ValueError):
+    """The request itself is wrong (a parameter, the prompt's shape or size, a limit): the client's fault. Only
+    this type becomes INVALID_ARGUMENT; any other ValueError from inside is a bug and INTERNAL."""
+
+    status = "INVALID_ARGUMENT"
+
+
 class ModelNotFoundError(KsleepError, ValueError):
     """The model name resolves to nothing we can load."""
 

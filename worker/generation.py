@@ -8,7 +8,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from tokenizers.decoders import DecodeStream
+
 from ksleep.v1 import common_pb2
+
+from .errors import ValidationError
+from .limits import MAX_MESSAGES, MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_STOP_CHARS, MAX_STOP_STRINGS
 
 FINISH_LENGTH, FINISH_EOS, FINISH_STOP = "length", "eos", "stop"
 _FINISH_TO_PB = {None: common_pb2.FINISH_REASON_UNSPECIFIED, FINISH_LENGTH: common_pb2.FINISH_REASON_LENGTH,
@@ -29,18 +33,21 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise ValidationError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+            raise ValidationError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise ValidationError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+            raise ValidationError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+            raise ValidationError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty strings")
+            raise ValidationError("stop strings must be non-empty strings")
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ValidationError(f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} "
+                                  f"characters, got {len(self.stop)} (longest {max(map(len, self.stop))})")
 
     @property
     def greedy(self) -> bool:
@@ -55,13 +62,46 @@ class SamplingParams:
 
 
 def prompt_from_pb(pb: common_pb2.Prompt) -> str | list[int] | list[dict]:
-    """Text, token ids, or chat messages as [{"role": ..., "content": ...}]."""
+    """Text, token ids, or chat messages as [{"role": ..., "content": ...}], within the size caps (limits.py)."""
     kind = pb.WhichOneof("input")
     if kind is None:
-        raise ValueError("prompt is missing: set prompt.text, prompt.token_ids or prompt.chat")
+        raise ValidationError("prompt is missing: set prompt.text, prompt.token_ids or prompt.chat")
     if kind == "chat":
-        return [{"role": m.role, "content": m.content} for m in pb.chat.messages]
-    return pb.text if kind == "text" else list(pb.token_ids.ids)
+        messages = pb.chat.messages
+        if not messages or len(messages) > MAX_MESSAGES:
+            raise ValidationError(f"a chat prompt takes 1 to {MAX_MESSAGES} messages, got {len(messages)}")
+        if any(not m.role for m in messages):
+            raise ValidationError("every chat message needs a non-empty role")
+        chars = sum(len(m.content) for m in messages)
+        if chars > MAX_PROMPT_CHARS:
+            raise ValidationError(f"the chat's messages hold {chars:,} characters, over the limit of {MAX_PROMPT_CHARS:,}")
+        return [{"role": m.role, "content": m.content} for m in messages]
+    if kind == "text":
+        if not pb.text:
+            raise ValidationError("prompt is empty")
+        if len(pb.text) > MAX_PROMPT_CHARS:
+            raise ValidationError(f"the prompt holds {len(pb.text):,} characters, over the limit of {MAX_PROMPT_CHARS:,}")
+        return pb.text
+    ids = pb.token_ids.ids
+    if not ids or len(ids) > MAX_PROMPT_TOKENS:
+        raise ValidationError(f"a token-id prompt takes 1 to {MAX_PROMPT_TOKENS:,} ids, got {len(ids):,}")
+    return list(ids)
+
+
+def check_request(prompt: str | list[int] | list[dict], params: SamplingParams, context_tokens: int | None,
+                  cache_positions: int | None) -> None:
+    """What can be checked without the tokenizer, before a request is admitted (the supervisor, so that a bad
+    request never wakes the model): its length against the model's context and the KV cache (a prompt holds at
+    least one token; token ids are counted exactly)."""
+    prompt_tokens = len(prompt) if isinstance(prompt, list) and prompt and isinstance(prompt[0], int) else 1
+    if context_tokens and prompt_tokens + params.max_tokens > context_tokens:
+        raise ValidationError(f"prompt is at least {prompt_tokens} tokens and max_tokens is {params.max_tokens}: "
+                              f"{prompt_tokens + params.max_tokens} exceeds the model's context of {context_tokens} tokens")
+    need = prompt_tokens + params.max_tokens + 1
+    if cache_positions and need > cache_positions:
+        raise ValidationError(f"the request needs at least {need} KV cache positions (prompt {prompt_tokens} + "
+                              f"max_tokens {params.max_tokens} + 1) but the cache holds at most {cache_positions} "
+                              f"for one request")
 
 
 @dataclass(slots=True)

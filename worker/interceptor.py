@@ -1,6 +1,7 @@
 """One place that turns exceptions into gRPC status codes, for the worker's and the supervisor's servers.
 
-KsleepError subclasses name their own status; a few standard exceptions map by kind; an error that came from
+KsleepError subclasses name their own status (only ValidationError is INVALID_ARGUMENT: a ValueError from
+deep inside is a bug, INTERNAL); a few standard exceptions map by kind; an error that came from
 another gRPC server (the worker, seen by the supervisor) keeps its code and message. Anything else is INTERNAL,
 with its message, and is logged with its traceback.
 """
@@ -12,7 +13,7 @@ import logging
 import grpc
 from google.protobuf import unknown_fields
 
-from .errors import KsleepError
+from .errors import KsleepError, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -20,10 +21,8 @@ log = logging.getLogger(__name__)
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code(), exc.details() or str(exc.code())
-    if isinstance(exc, KsleepError):
+    if isinstance(exc, KsleepError):  # ValidationError (the client's fault) is INVALID_ARGUMENT; other ValueErrors are bugs
         return grpc.StatusCode[exc.status], str(exc)
-    if isinstance(exc, (ValueError, TypeError, OverflowError)):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "out of memory"
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
@@ -90,7 +89,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request, context):
                 if isinstance(request, _Undecodable):
-                    await _abort(context, ValueError(request.message), method, self.on_error)
+                    await _abort(context, ValidationError(request.message), method, self.on_error)
                 try:
                     return await inner(request, context)
                 except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -105,7 +104,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request, context):
                 if isinstance(request, _Undecodable):
-                    await _abort(context, ValueError(request.message), method, self.on_error)
+                    await _abort(context, ValidationError(request.message), method, self.on_error)
                 try:
                     async for response in inner_stream(request, context):
                         yield response

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from .limits import parse_kv_cache
+from .limits import PAD_TOKENS, parse_kv_cache
 
-PAD_TOKENS = 16
 GRANULE = 16  # extents are multiples of this many positions (less bookkeeping, less fragmentation)
 ACTIVATION_RESERVE = 2 << 30  # device bytes left to activations, graphs and cuBLAS when sizing by fraction
 CPU_AUTO_BYTES = 256 << 20

@@ -1,6 +1,14 @@
-"""The batching settings' ranges and the KV cache size's syntax, checked alike by ksleepd's and the worker's
-configuration (no torch here: the supervisor imports it)."""
+"""Limits named once for every process (no torch here: the supervisor and the HTTP face import it): the batching
+settings' ranges and the KV cache size's syntax, checked alike by ksleepd's and the worker's configuration, and
+the caps on a request that both faces (gRPC and HTTP) apply before a request is admitted."""
 from __future__ import annotations
+
+MAX_STOP_STRINGS = 16  # stop strings per request
+MAX_STOP_CHARS = 256  # characters per stop string
+MAX_PROMPT_CHARS = 4 << 20  # characters of text in a prompt (a chat's contents together): far past any context
+MAX_PROMPT_TOKENS = 1 << 20  # token ids in a prompt
+MAX_MESSAGES = 4096  # messages in a chat prompt
+PAD_TOKENS = 16  # KV cache positions never handed to a request: the padding rows of a graph-captured step write there
 
 INT_RANGES = {"max_batch": (1, 512), "max_queue": (0, 1 << 20), "prefill_chunk": (16, 1 << 16)}
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,

@@ -5,6 +5,8 @@ Files in `shm_dir` (normally /dev/shm), both mode 0600:
   <name>.manifest.json   identity, dtype, layout and a checksum per 2 MiB block; written last, so a pool
                          without a manifest is one whose creation did not finish
 A pool is built under `<name>.pool.tmp-<pid>` and renamed into place only once it is complete and verified.
+Every WeightPool holds a shared flock on its data file until `close`, so that `poolfiles.remove_pool_files` (a
+daemon's shutdown) leaves a pool alone while a worker of any daemon still has it open.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import base64
 import hashlib
 import re
 import errno
+import fcntl
 import json
 import logging
 import mmap
@@ -109,6 +112,7 @@ class WeightPool:
         self.path = path
         self.nbytes = nbytes
         self._fd = fd
+        fcntl.flock(fd, fcntl.LOCK_SH)  # "in use": held until close (waits only while a removal is deleting it)
         self._mmap = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
         self._pin_jobs: list = []  # one future per PIN_CHUNK: True once registered
@@ -135,7 +139,15 @@ class WeightPool:
             raise PoolCorruptError(f"{manifest_file} is unreadable: {exc}") from exc
         if st.st_size != manifest.layout.total_bytes:
             raise PoolCorruptError(f"{data} is {st.st_size:,} bytes, its manifest says {manifest.layout.total_bytes:,}")
-        pool = cls(data, manifest.layout.total_bytes, os.open(data, os.O_RDWR))
+        fd = os.open(data, os.O_RDWR)
+        try:
+            pool = cls(data, manifest.layout.total_bytes, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not poolfiles._same_file(fd, data) or not manifest_file.exists():  # removed while we took the lock
+            pool.close()
+            return cls.open(shm_dir, name)
         pool.manifest = manifest
         return pool
 
@@ -154,7 +166,7 @@ class WeightPool:
         try:
             # Reserve every page now: on tmpfs a later write past the free space would be a SIGBUS, not an error.
             os.posix_fallocate(fd, 0, nbytes)
-            return cls(path, nbytes, fd)
+            return cls(path, nbytes, fd)  # the shared lock follows the file through publish's rename
         except OSError as exc:
             os.close(fd)
             path.unlink(missing_ok=True)
@@ -232,16 +244,23 @@ class WeightPool:
             raise PoolCorruptError(f"{self.path} shrank to {size:,} bytes (expected {self.nbytes:,})")
 
     def close(self) -> None:
+        """Unmap the pool (once no view of `tensor` is left) and release its shared lock."""
         if self._fd < 0:
             return
         self.unpin()
-        self.tensor = None  # the mapping cannot close while a tensor still exports it
-        self._mmap.close()
+        # torch.frombuffer keeps a reference to the mmap, not a buffer export (mmap.close() would unmap under live
+        # views: a segfault on their next read), so drop ours and let the last view's release unmap it.
+        self.tensor = None
+        self._mmap = None
+        fcntl.flock(self._fd, fcntl.LOCK_UN)  # unlocks the file description the mmap's own dup of the fd shares
         os.close(self._fd)
         self._fd = -1
 
     def unlink(self) -> None:
-        """Remove the pool's files (mappings held elsewhere stay valid until closed)."""
+        """Remove the pool's files, whoever else has it open: for a pool that proved corrupt (or a level-2 sleep),
+        which its owner must be able to drop and rebuild even while other workers are attached. That is safe on
+        Linux: their mappings stay valid (the memory is freed when the last one closes), and nobody new can attach
+        to what is no longer there. `poolfiles.remove_pool_files` is the polite removal that respects holders."""
         if self.manifest is not None:
             self.manifest_path(self.path.parent, self.manifest.name).unlink(missing_ok=True)
         self.path.unlink(missing_ok=True)

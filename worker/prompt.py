@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .errors import ValidationError
+
 
 class PromptEncoder:
     def __init__(self, tokenizer, vocab_size: int, context_tokens: int, model_name: str):
@@ -20,11 +22,11 @@ class PromptEncoder:
         else:
             ids = list(prompt)
             if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size for i in ids):
-                raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+                raise ValidationError(f"prompt token ids must be integers in [0, {self.vocab_size})")
         if not ids:
-            raise ValueError("prompt is empty")
+            raise ValidationError("prompt is empty")
         if len(ids) + max_tokens > self.context_tokens:
-            raise ValueError(
+            raise ValidationError(
                 f"prompt is {len(ids)} tokens and max_tokens is {max_tokens}: {len(ids) + max_tokens} exceeds the "
                 f"model's context of {self.context_tokens} tokens"
             )
@@ -32,9 +34,12 @@ class PromptEncoder:
 
     def _chat(self, messages: Sequence[dict]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"{self.model_name} has no chat template: send a text prompt instead")
+            raise ValidationError(f"{self.model_name} has no chat template: send a text prompt instead")
         if any(not isinstance(m.get("role"), str) or not m["role"] or not isinstance(m.get("content"), str)
                for m in messages):
-            raise ValueError("every chat message needs a non-empty role and a string content")
-        rendered = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+            raise ValidationError("every chat message needs a non-empty role and a string content")
+        try:
+            rendered = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - the model's template refused these messages (jinja raises)
+            raise ValidationError(f"{self.model_name}'s chat template refused the messages: {exc}") from exc
         return self.tokenizer(rendered, add_special_tokens=False).input_ids

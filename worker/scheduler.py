@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .errors import DeviceMemoryError, QueueFullError
+from .errors import DeviceMemoryError, QueueFullError, ValidationError
 from .kvcache import KVCache
 from .runner import Batch
 from .sequence import FINISH_ABORT, FINISH_ERROR, Sequence
@@ -63,7 +63,7 @@ class Scheduler:
         """Refuse at once what can never run (ValueError) or cannot queue now (QueueFullError)."""
         need, limit = seq.reserve_tokens, self.cache.usable_tokens
         if need > limit:
-            raise ValueError(f"the request needs {need} KV cache positions (prompt {len(seq.prompt)} + max_tokens "
+            raise ValidationError(f"the request needs {need} KV cache positions (prompt {len(seq.prompt)} + max_tokens "
                              f"{seq.params.max_tokens} + 1) but the cache holds at most {limit} for one request")
         if len(self.waiting) >= self.max_queue:
             raise QueueFullError(f"{len(self.waiting)} requests are already waiting for the batch (limit "

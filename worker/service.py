@@ -47,7 +47,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         prompt = prompt_from_pb(request.prompt)
         waited = max(0.0, time.time() - request.arrived_unix) if request.arrived_unix else 0.0
         started = time.perf_counter() - waited
-        stream = self.engine.generate(prompt, params, started, loop=asyncio.get_running_loop())
+        # tokenizing a long prompt takes a while: off the event loop, which streams every other request's tokens
+        stream = await asyncio.to_thread(self.engine.generate, prompt, params, started, asyncio.get_running_loop())
         self._open += 1
         try:
             first = True

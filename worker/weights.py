@@ -63,7 +63,7 @@ class WeightStore:
             self.pool = WeightPool.open(self.config.shm_dir, self.pool_name)
         except PoolCorruptError as exc:
             log.warning("%s; rebuilding the pool", exc)
-            remove_pool_files(self.config.shm_dir, self.pool_name)
+            remove_pool_files(self.config.shm_dir, self.pool_name, in_use_too=True)
         how = "attached" if self.pool is not None else "created"
         if not awake:
             if self.pool is None:  # nothing to attach to (a level-2 sleep dropped it): asleep as at level 2
