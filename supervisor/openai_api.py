@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible endpoints, validated by pydantic (a bad one is a 400)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -19,7 +19,7 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, lt=2**32)  # (the wire's uint32)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     ignore_eos: bool | None = None  # vLLM's extension: keep going past the end-of-sequence token
     stop: str | list[str] | None = None
@@ -50,7 +50,7 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] = Field(min_length=1)
+    prompt: str | list[Annotated[int, Field(ge=0, lt=2**32)]] | list[str] = Field(min_length=1)
     echo: Literal[False] = False
 
     def request_pb(self) -> ksleep_pb2.GenerateRequest:
