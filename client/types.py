@@ -4,14 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ksleep.v1 import common_pb2, ksleep_pb2
-
-_FINISH = {common_pb2.FINISH_REASON_LENGTH: "length", common_pb2.FINISH_REASON_EOS: "eos",
-           common_pb2.FINISH_REASON_STOP: "stop"}
-
-
-def state_name(value: int) -> str:
-    """STATE_AWAKE -> "awake"."""
-    return common_pb2.State.Name(value).removeprefix("STATE_").lower()
+from ksleep.worker.names import finish_name, state_name
 
 
 @dataclass(slots=True)
@@ -24,7 +17,7 @@ class Token:
 
     @classmethod
     def from_pb(cls, pb: common_pb2.Token) -> Token:
-        return cls(pb.index, pb.id, pb.text, _FINISH.get(pb.finish_reason), pb.elapsed_seconds)
+        return cls(pb.index, pb.id, pb.text, finish_name(pb.finish_reason), pb.elapsed_seconds)
 
 
 @dataclass(slots=True)

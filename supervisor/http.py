@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ksleep.v1 import common_pb2, ksleep_pb2
 from ksleep.worker.interceptor import status_for
+from ksleep.worker.names import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, finish_name, state_name
 
 from .auth import authorized
 from .config import DaemonConfig
@@ -29,8 +30,7 @@ HTTP_STATUS = {"INVALID_ARGUMENT": 400, "OUT_OF_RANGE": 400, "NOT_FOUND": 404, "
                "PERMISSION_DENIED": 403, "FAILED_PRECONDITION": 409, "ABORTED": 409, "RESOURCE_EXHAUSTED": 503,
                "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "UNIMPLEMENTED": 501}
 MAX_BODY = 16 << 20  # bytes, as the gRPC face's message limit
-FINISH = {common_pb2.FINISH_REASON_LENGTH: "length", common_pb2.FINISH_REASON_EOS: "stop",
-          common_pb2.FINISH_REASON_STOP: "stop"}
+OPENAI_FINISH = {FINISH_LENGTH: "length", FINISH_EOS: "stop", FINISH_STOP: "stop"}  # OpenAI's names for ours
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
@@ -164,7 +164,7 @@ def build_app(config: DaemonConfig, service: KsleepService) -> FastAPI:
                 last = message
         except Exception as exc:  # noqa: BLE001
             return failed(exc)
-        text, finish = "".join(texts), FINISH.get(last.token.finish_reason)
+        text, finish = "".join(texts), OPENAI_FINISH.get(finish_name(last.token.finish_reason))
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat
                   else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
         return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
@@ -221,7 +221,7 @@ def build_app(config: DaemonConfig, service: KsleepService) -> FastAPI:
     async def health():
         ok = lifecycle.state != common_pb2.STATE_STOPPED
         return JSONResponse({"status": "ok" if ok else "unavailable",
-                             "state": common_pb2.State.Name(lifecycle.state).removeprefix("STATE_").lower()},
+                             "state": state_name(lifecycle.state)},
                             status_code=200 if ok else 503)
 
     @app.get("/metrics")
@@ -242,7 +242,7 @@ async def _sse(first, rest, chat: bool, ident: str, created: int, model: str, in
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(message: ksleep_pb2.GenerateResponse, first_chunk: bool) -> str:
-        finish = FINISH.get(message.token.finish_reason)
+        finish = OPENAI_FINISH.get(finish_name(message.token.finish_reason))
         if chat:
             delta = {"role": "assistant", "content": message.token.text} if first_chunk else {"content": message.token.text}
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}

@@ -4,10 +4,9 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from ksleep.v1 import common_pb2
+from ksleep.worker.names import STATES, state_name
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-STATES = [n.removeprefix("STATE_").lower() for n in common_pb2.State.keys() if n != "STATE_UNSPECIFIED"]
 
 
 class Metrics:
@@ -44,7 +43,7 @@ class _LifecycleCollector:
     def collect(self):
         lc = self.lifecycle
         state = GaugeMetricFamily("ksleep_state", "1 for the daemon's current state", labels=["state"])
-        now = common_pb2.State.Name(lc.state).removeprefix("STATE_").lower()
+        now = state_name(lc.state)
         for name in STATES:
             state.add_metric([name], 1.0 if name == now else 0.0)
         yield state

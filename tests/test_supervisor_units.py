@@ -77,3 +77,12 @@ def test_rocm_smi_and_hy_smi_json_are_read():
 ])
 def test_exceptions_map_to_status_codes(exc, code):
     assert status_for(exc)[0] == code
+
+
+def test_finish_reasons_and_states_have_one_name_each_way():
+    from ksleep.v1 import common_pb2
+    from ksleep.worker.names import FINISH_TO_PB, STATES, finish_name, state_name
+
+    assert all(finish_name(pb) == name for name, pb in FINISH_TO_PB.items())
+    assert set(FINISH_TO_PB.values()) == set(common_pb2.FinishReason.values())  # every wire value is named
+    assert state_name(common_pb2.STATE_AWAKE) == "awake" and "asleep" in STATES and "unspecified" not in STATES

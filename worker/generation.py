@@ -13,10 +13,7 @@ from ksleep.v1 import common_pb2
 
 from .errors import ValidationError
 from .limits import MAX_MESSAGES, MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_STOP_CHARS, MAX_STOP_STRINGS
-
-FINISH_LENGTH, FINISH_EOS, FINISH_STOP = "length", "eos", "stop"
-_FINISH_TO_PB = {None: common_pb2.FINISH_REASON_UNSPECIFIED, FINISH_LENGTH: common_pb2.FINISH_REASON_LENGTH,
-                 FINISH_EOS: common_pb2.FINISH_REASON_EOS, FINISH_STOP: common_pb2.FINISH_REASON_STOP}
+from .names import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, FINISH_TO_PB  # noqa: F401 - FINISH_STOP: re-exported
 
 
 @dataclass(slots=True)
@@ -117,7 +114,7 @@ class TokenEvent:
 
     def to_pb(self) -> common_pb2.Token:
         return common_pb2.Token(index=self.index, id=self.token_id, text=self.text,
-                                finish_reason=_FINISH_TO_PB[self.finish_reason], elapsed_seconds=self.elapsed)
+                                finish_reason=FINISH_TO_PB[self.finish_reason], elapsed_seconds=self.elapsed)
 
 
 @dataclass(slots=True)
