@@ -160,6 +160,7 @@ class WorkerHandle:
         self.channel = grpc.aio.insecure_channel(f"unix:{socket_path}", options=CHANNEL_OPTIONS)
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self.stopping = False
+        self.answered = 0.0  # monotonic time of its last Status answer (the watchdog's and the sampler's)
         self.startup: dict[str, float] = {}  # seconds: fork (forkserver), start (fork to socket accepting)
         self._watch_pidfd()
         exited.add_done_callback(self._gone)

@@ -286,6 +286,7 @@ class Lifecycle(Workers, Admission):
         except grpc.aio.AioRpcError:
             self.batch = None  # unknown now: better absent than stale
             return None
+        worker.answered = time.monotonic()  # the watchdog need not ping it now
         self.batch = info.batch if info.HasField("batch") else None
         return info
 

@@ -112,13 +112,17 @@ class Workers:
         self._bring_up.add_done_callback(lambda t: t.cancelled() or t.exception())  # errors reach the waiters
 
     async def _watchdog(self, worker: WorkerHandle) -> None:
-        """Ping the serving worker (its Status, which reads device memory off its event loop); one that leaves
-        a ping unanswered for --worker-timeout (stopped, or stuck in a driver call) is killed: `_watch` then
-        restarts it from the pool like any crash, and requests without a token yet are replayed."""
+        """Ping the serving worker (its Status, which reads device memory off its event loop) whenever the
+        memory sampler did not hear from it within the ping interval; one that leaves a ping unanswered for
+        --worker-timeout (stopped, or stuck in a driver call) is killed: `_watch` then restarts it from the pool
+        like any crash, and requests without a token yet are replayed."""
         timeout = self.config.worker_timeout
+        interval = min(1.0, timeout / 4)
         while not worker.exited.done() and self.worker is worker and not self._stopping:
             try:
-                await worker.stub.Status(worker_pb2.WorkerStatusRequest(), timeout=timeout)
+                if time.monotonic() - worker.answered > interval:
+                    await worker.stub.Status(worker_pb2.WorkerStatusRequest(), timeout=timeout)
+                    worker.answered = time.monotonic()
             except grpc.aio.AioRpcError as exc:
                 if worker.exited.done() or worker.stopping or self.worker is not worker:
                     return
@@ -128,7 +132,7 @@ class Workers:
                         os.kill(worker.pid, signal.SIGKILL)
                     return
                 log.warning("health ping of worker %d failed: %s", worker.pid, exc.code().name)
-            await asyncio.sleep(min(1.0, timeout / 4))  # a periodic ping, not a wait for a condition
+            await asyncio.sleep(interval)  # a periodic ping, not a wait for a condition
 
     async def _restart(self, delay: float, asleep: bool) -> None:
         t0 = time.perf_counter()

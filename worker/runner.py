@@ -134,9 +134,15 @@ class ModelRunner:
         """What the graph of (tokens, seqs, decode) runs, launched eagerly over the same static inputs."""
         static = self._static or self._make_static()
         static.fill(batch, tokens, seqs, decode, ids)
+        self._static_forward(tokens, seqs, decode)
+        return static.logits[: len(batch.q_lens)]
+
+    def _static_forward(self, tokens: int, seqs: int, decode: bool) -> None:
+        """The kernels of the graph of (tokens, seqs, decode), over the static inputs: what a capture records and
+        what a padded eager step launches."""
+        static = self._static
         static.convert(tokens, seqs)
         self._logits(*static.graph_args(self.cache, tokens, seqs, decode), out=static.logits[:seqs])
-        return static.logits[: len(batch.q_lens)]
 
     def _make_static(self) -> _StaticInputs:
         self._static = _StaticInputs(self.token_sizes[-1], self.seq_sizes[-1], self.device,
@@ -151,20 +157,17 @@ class ModelRunner:
     def _capture(self, tokens: int, seqs: int, decode: bool) -> torch.cuda.CUDAGraph:
         static = self._static
         static.pad_all(tokens, seqs)  # the warm-up and the capture only ever write the cache's pad position
-        args = static.graph_args(self.cache, tokens, seqs, decode)
         current = torch.cuda.current_stream(self.device)
         self._warm_stream.wait_stream(current)
         with torch.cuda.stream(self._warm_stream):  # lazy initialisation must not happen inside the capture
-            static.convert(tokens, seqs)
-            self._logits(*args, out=static.logits[:seqs])
+            self._static_forward(tokens, seqs, decode)
         current.wait_stream(self._warm_stream)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         self._capture_stream.wait_stream(current)
         with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream, capture_error_mode="thread_local"):
-            static.convert(tokens, seqs)
-            self._logits(*args, out=static.logits[:seqs])
+            self._static_forward(tokens, seqs, decode)
         current.wait_stream(self._capture_stream)
         self._graphs[(tokens, seqs, decode)] = graph
         self.captures += 1

@@ -27,7 +27,6 @@ class Step:
     q_lens: list[int]
     batch: Batch
     sampled: list[int]  # indexes of the rows whose last token's logits give a new token this step
-    decodes: int  # rows that feed their last sampled token
 
 
 @dataclass(slots=True)
@@ -124,7 +123,7 @@ class Scheduler:
             lens.append(first + n)
             if first + n >= len(seq.prompt):  # caught up: this row's last logits give the next token
                 sampled.append(i)
-        return Step(rows, q_lens, Batch(tokens, positions, slots, q_lens, starts, lens), sampled, len(decodes))
+        return Step(rows, q_lens, Batch(tokens, positions, slots, q_lens, starts, lens), sampled)
 
     def follow(self, step: Step) -> Step | None:
         """The decode step after `step`, planned before `step`'s tokens reach the host (they feed it from the
@@ -139,7 +138,7 @@ class Scheduler:
         follow = Batch(batch.tokens, [p + 1 for p in batch.positions], [s + 1 for s in batch.slots], batch.q_lens,
                        batch.kv_starts, [n + 1 for n in batch.kv_lens])
         self.queued_ahead += 1
-        return Step(step.rows, step.q_lens, follow, step.sampled, len(step.rows))
+        return Step(step.rows, step.q_lens, follow, step.sampled)
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_batch:
