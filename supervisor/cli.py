@@ -10,7 +10,6 @@ import socket
 import sys
 from pathlib import Path
 
-from grpc_health.v1 import health_pb2
 
 from .config import DaemonConfig
 from .lifecycle import Lifecycle
@@ -83,7 +82,7 @@ async def serve(config: DaemonConfig) -> int:
     server, health = await build_server(config, service)
     http = await start_http(config, service) if config.http else None
     await server.start()
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.refresh()
     log.info("ksleepd serving %s on %s (idle timeout %s s, sleep level %d)", config.model, config.listen,
              config.idle_timeout, config.sleep_level)
     await stop.wait()

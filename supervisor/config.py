@@ -58,7 +58,9 @@ class DaemonConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the checkpoint (off: no code is loaded)"})
     grace: float = field(default=5.0, metadata={"help": "seconds a worker gets to stop after SIGTERM before SIGKILL"})
     worker_timeout: float = field(default=10.0, metadata={"help": "seconds a worker may leave health pings unanswered before it is declared hung, killed and restarted from the pool (requests without a token yet are replayed)"})
+    restart_backoff: float = field(default=30.0, metadata={"help": "longest wait, in seconds, before restarting a worker that keeps dying (the first crash restarts at once, then 0.5 s doubling for crashes within a minute, up to this)"})
     drain_timeout: float = field(default=60.0, metadata={"help": "seconds a sleep in WAIT mode lets running requests finish before it aborts what is left"})
+    stream_backlog: int = field(default=1024, metadata={"help": "tokens a stream may hold for a client that does not read them (beyond what the connection buffers); one more cancels the request (RESOURCE_EXHAUSTED), so a stalled client holds up no sleep"})
     sample_interval: float = field(default=1.0, metadata={"help": "seconds between memory samples"})
     history: int = field(default=3600, metadata={"help": "memory samples kept for Status(include_history)"})
     http: str = field(default="", metadata={"help": "serve the OpenAI-compatible HTTP face on [HOST:]PORT (127.0.0.1 unless a host is given); off when empty"})
@@ -87,8 +89,10 @@ class DaemonConfig:
             check_int(name, getattr(self, name))
         if self.grace <= 0 or self.sample_interval <= 0 or self.history < 1:
             raise ValueError("grace and sample_interval must be > 0 and history >= 1")
-        if self.worker_timeout <= 0 or self.drain_timeout < 0:
-            raise ValueError("worker_timeout must be > 0 and drain_timeout >= 0")
+        if isinstance(self.stream_backlog, bool) or not isinstance(self.stream_backlog, int) or self.stream_backlog < 1:
+            raise ValueError(f"stream_backlog must be an integer >= 1, got {self.stream_backlog!r}")
+        if self.worker_timeout <= 0 or self.drain_timeout < 0 or self.restart_backoff < 0:
+            raise ValueError("worker_timeout must be > 0, drain_timeout and restart_backoff >= 0")
         if self.http:
             _ = self.http_address  # raises ValueError for a malformed [HOST:]PORT
         if not self.listen.startswith("unix:") and not self.listen.startswith("/"):

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ksleep.v1 import common_pb2, ksleep_pb2
+from ksleep.v1 import ksleep_pb2
 from ksleep.worker.interceptor import status_for
 from ksleep.worker.names import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, finish_name, state_name
 
@@ -215,14 +215,13 @@ def build_app(config: DaemonConfig, service: KsleepService) -> FastAPI:
 
     @app.get("/is_sleeping")
     async def is_sleeping():
-        return {"is_sleeping": lifecycle.state in (common_pb2.STATE_ASLEEP, common_pb2.STATE_SLEEPING)}
+        return {"is_sleeping": lifecycle.snapshot().asleep}
 
     @app.get("/health")
     async def health():
-        ok = lifecycle.state != common_pb2.STATE_STOPPED
-        return JSONResponse({"status": "ok" if ok else "unavailable",
-                             "state": state_name(lifecycle.state)},
-                            status_code=200 if ok else 503)
+        now = lifecycle.snapshot()
+        return JSONResponse({"status": "ok" if now.serving else "unavailable", "state": state_name(now.state)},
+                            status_code=200 if now.serving else 503)
 
     @app.get("/metrics")
     async def prometheus():

@@ -26,7 +26,9 @@ from .admission import Admission, Gate, Ticket
 from .config import DaemonConfig, runtime_dir
 from .launcher import Forkserver, WorkerHandle
 from .metrics import Metrics
+from . import snapshot
 from .monitor import DeviceMemory, MemoryHistory
+from .snapshot import Snapshot
 from .standby import Standby
 from .workers import STATUS_DEADLINE, WAKE_DEADLINE, Workers
 
@@ -59,7 +61,8 @@ class Lifecycle(Workers, Admission):
         self.forkserver = Forkserver(config.log_level)
         self.worker: WorkerHandle | None = None
         self.worker_info: worker_pb2.WorkerStatusResponse | None = None
-        self.state = S.STATE_LOADING
+        self._state = S.STATE_LOADING
+        self._on_state: list = []  # called with each new state (the gRPC health service)
         self.sleep_level = 0
         self.restarts = self.sleeps_total = self.wakes_total = 0
         self.last_sleep: common_pb2.Transition | None = None
@@ -86,6 +89,27 @@ class Lifecycle(Workers, Admission):
         self._sockets = sockets
         self._spawned = 0
         self.standby = Standby(self._launch_standby, self._standby_wanted)
+
+    @property
+    def state(self) -> int:
+        return self._state
+
+    @state.setter
+    def state(self, value: int) -> None:
+        changed, self._state = value != self._state, value
+        for callback in self._on_state if changed else ():
+            callback(value)
+
+    def on_state(self, callback) -> None:
+        self._on_state.append(callback)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def snapshot(self) -> Snapshot:
+        """What Status, the metrics, the HTTP face and the health check report, read at one moment."""
+        return snapshot.take(self)
 
     # -- start and stop -------------------------------------------------------------------------------------
     async def start(self) -> None:

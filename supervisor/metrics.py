@@ -41,26 +41,25 @@ class _LifecycleCollector:
         self.lifecycle = lifecycle
 
     def collect(self):
-        lc = self.lifecycle
+        now = self.lifecycle.snapshot()  # every figure from one reading
         state = GaugeMetricFamily("ksleep_state", "1 for the daemon's current state", labels=["state"])
-        now = state_name(lc.state)
+        now = state_name(now.state)
         for name in STATES:
             state.add_metric([name], 1.0 if name == now else 0.0)
         yield state
-        latest = lc.history.samples[-1] if lc.history.samples else None
-        info = lc.worker_info
+        latest, info = now.latest, now.worker_info
         gauges = {
-            "ksleep_sleep_level": ("Sleep level (0 when awake)", lc.sleep_level),
-            "ksleep_in_flight_requests": ("Generate calls streaming or waiting", lc.in_flight),
+            "ksleep_sleep_level": ("Sleep level (0 when awake)", now.sleep_level),
+            "ksleep_in_flight_requests": ("Generate calls streaming or waiting", now.in_flight),
             "ksleep_device_total_bytes": ("Device memory", info.memory.device_total_bytes if info else 0),
-            "ksleep_pool_bytes": ("The shared-memory weight pool", lc.pool_bytes()),
+            "ksleep_pool_bytes": ("The shared-memory weight pool", now.pool_bytes),
             "ksleep_weight_bytes": ("The model's weights", info.memory.weight_bytes if info else 0),
         }
         if latest is not None and latest.device_used is not None:  # absent while readings fail
             gauges["ksleep_device_used_bytes"] = ("Device memory used, device-wide", latest.device_used)
         if latest is not None and latest.worker_device is not None:
             gauges["ksleep_worker_device_bytes"] = ("The worker process's device memory", latest.worker_device)
-        batch = lc.batch if lc.worker is not None else None
+        batch = now.batch
         if batch is not None:
             gauges.update({
                 "ksleep_requests_running": ("Requests in the worker's batch", batch.running),
@@ -74,6 +73,6 @@ class _LifecycleCollector:
             })
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
-        for name, doc, value in (("ksleep_sleeps", "Sleeps", lc.sleeps_total), ("ksleep_wakes", "Wakes", lc.wakes_total),
-                                 ("ksleep_worker_restarts", "Workers restarted after dying", lc.restarts)):
+        for name, doc, value in (("ksleep_sleeps", "Sleeps", now.sleeps_total), ("ksleep_wakes", "Wakes", now.wakes_total),
+                                 ("ksleep_worker_restarts", "Workers restarted after dying", now.restarts)):
             yield CounterMetricFamily(name, doc, value=value)

@@ -1,10 +1,10 @@
 """The public gRPC face of ksleepd: the Ksleep service, grpc.health.v1 and server reflection."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
-from importlib.metadata import PackageNotFoundError, version
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -12,7 +12,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from ksleep.v1 import common_pb2, ksleep_pb2, ksleep_pb2_grpc, worker_pb2
-from ksleep.worker.errors import ValidationError
+from ksleep.worker.errors import KsleepError, ValidationError
 from ksleep.worker.generation import SamplingParams, check_request, prompt_from_pb
 from ksleep.worker.interceptor import ErrorInterceptor
 from ksleep.worker.limits import PAD_TOKENS
@@ -25,12 +25,13 @@ from .metrics import Metrics
 log = logging.getLogger("ksleep.server")
 SERVICE = ksleep_pb2.DESCRIPTOR.services_by_name["Ksleep"].full_name
 MAX_MESSAGE = 16 << 20  # bytes; a prompt beyond the context is refused by the worker anyway
+ASLEEP_CODES = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DATA_LOSS)
 RETRIES = 2  # times a request is replayed on a new worker when its worker died before its first token
 
-try:
-    VERSION = version("ksleep")
-except PackageNotFoundError:  # running from a source tree
-    VERSION = "0+source"
+class StalledClientError(KsleepError):
+    """A stream's client stopped reading: its request was cancelled once --stream-backlog tokens waited."""
+
+    status = "RESOURCE_EXHAUSTED"
 
 
 class KsleepService(ksleep_pb2_grpc.KsleepServicer):
@@ -43,21 +44,43 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
     async def Generate(self, request: ksleep_pb2.GenerateRequest, context):
         arrived = time.time()
         self.check(request)  # before admission: a request refused here never wakes, spawns or queues anything
-        for attempt in range(RETRIES + 1):
-            sent = 0
-            async with self.lifecycle.admit(arrived) as ticket:
-                try:
-                    async for message in self._relay(request, ticket):
-                        sent += 1
-                        yield message
-                    return
-                except (WorkerGoneError, WorkerAsleepError) as exc:
-                    # A worker that died (or fell asleep by itself) before this request's first token: the
-                    # request is retried, unseen, on its successor (or after one wake). Once tokens have left, the
-                    # client must see the error.
-                    if sent or attempt == RETRIES:
-                        raise
-                    log.warning("%s before the first token; retrying the request", exc)
+        # The worker's tokens go through a bounded buffer: a client that stops reading fills it, and the request
+        # is then cancelled and its ticket returned (it holds up no sleep), instead of stalling on the write.
+        backlog: asyncio.Queue = asyncio.Queue()  # bounded by _pump (the end marker must always fit)
+        pump = asyncio.create_task(self._pump(request, arrived, backlog))
+        try:
+            while True:
+                message = await backlog.get()
+                if message is None:
+                    break
+                yield message
+            await pump  # raises what ended the request
+        finally:
+            pump.cancel()
+
+    async def _pump(self, request: ksleep_pb2.GenerateRequest, arrived: float, backlog: asyncio.Queue) -> None:
+        limit = self.lifecycle.config.stream_backlog
+        try:
+            for attempt in range(RETRIES + 1):
+                sent = 0
+                async with self.lifecycle.admit(arrived) as ticket:
+                    try:
+                        async for message in self._relay(request, ticket):
+                            sent += 1
+                            if backlog.qsize() >= limit:
+                                raise StalledClientError(f"cancelled: the client left {limit} tokens unread "
+                                                         f"(--stream-backlog)")
+                            backlog.put_nowait(message)
+                        return
+                    except (WorkerGoneError, WorkerAsleepError) as exc:
+                        # A worker that died (or fell asleep by itself) before this request's first token: the
+                        # request is retried, unseen, on its successor (or after one wake). Once tokens have
+                        # left, the client must see the error.
+                        if sent or attempt == RETRIES:
+                            raise
+                        log.warning("%s before the first token; retrying the request", exc)
+        finally:
+            backlog.put_nowait(None)  # the end: the reader then gets what ended the request (after what it holds)
 
     def check(self, request: ksleep_pb2.GenerateRequest) -> None:
         """Everything that can be checked without the model (ValidationError): the parameters, the prompt's shape
@@ -94,7 +117,8 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
             # A cancelled worker call raises CancelledError: ours when SLEEP_MODE_ABORT did it.
             if ticket.aborted and not isinstance(exc, GeneratorExit):
                 raise SleepAbortedError("cancelled: the model was put to sleep with SLEEP_MODE_ABORT") from exc
-            if (isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+            # refused as asleep, or its pool failed a checksum and the rebuild failed too (asleep at level 2)
+            if (isinstance(exc, grpc.aio.AioRpcError) and exc.code() in ASLEEP_CODES
                     and await self.lifecycle.reconcile(ticket.worker)):
                 raise WorkerAsleepError("the worker was asleep") from exc
             if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE or (
@@ -121,46 +145,46 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
 
 
 def status_message(lc: Lifecycle, include_history: bool = False) -> ksleep_pb2.StatusResponse:
-    info = lc.worker_info
-    latest = lc.history.samples[-1] if lc.history.samples else None
-    out = ksleep_pb2.StatusResponse(
-        state=lc.state, sleep_level=lc.sleep_level, model=lc.config.model,
-        device=info.device if info else lc.config.device, weight_bytes=info.memory.weight_bytes if info else 0,
-        device_used_bytes=(latest.device_used or 0) if latest else 0,  # 0 (unset): no reading
-        device_total_bytes=info.memory.device_total_bytes if info else 0, pool_bytes=lc.pool_bytes(),
-        worker_pid=lc.worker.pid if lc.worker else 0, restarts=lc.restarts, in_flight=lc.in_flight,
-        idle_seconds=lc.idle_seconds(), idle_timeout_seconds=lc.config.idle_timeout,
-        sleeps_total=lc.sleeps_total, wakes_total=lc.wakes_total,
-        memory_source=lc.memory_backend.name if lc.memory_backend else "worker",
-        worker_load_source=info.load_source if info else "", uptime_seconds=time.time() - lc.started_unix,
-        configured_sleep_level=lc.config.sleep_level, version=VERSION, standby_pid=lc.standby.pid,
-    )
-    if latest is not None and latest.worker_device is not None:
-        out.worker_device_bytes = latest.worker_device
-    if info is not None:
-        out.worker_load_seconds = info.load_seconds
-        out.worker_load_phases.update(info.load_phases)
-    for name in ("last_sleep", "last_wake", "last_restart"):
-        if getattr(lc, name) is not None:
-            getattr(out, name).CopyFrom(getattr(lc, name))
-    if lc.last_ttft is not None:
-        out.last_ttft_seconds = lc.last_ttft
-    if lc.batch is not None and lc.worker is not None:
-        out.batch.CopyFrom(lc.batch)
-    if include_history:
-        out.history.extend(ksleep_pb2.MemorySample(
-            at_unix=s.at_unix, state=s.state, device_used_bytes=s.device_used or 0, pool_bytes=s.pool_bytes,
-            **({"worker_device_bytes": s.worker_device} if s.worker_device is not None else {}))
-            for s in lc.history.samples)
-    return out
+    return lc.snapshot().to_pb(include_history)
 
 
-async def build_server(config: DaemonConfig, service: KsleepService) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
+class LifecycleHealth(health_aio.HealthServicer):
+    """grpc.health.v1 that tells the truth: SERVING while a request would be served (awake, or asleep and able
+    to wake), NOT_SERVING while the worker is down or restarting and once shutting down; for "" and the Ksleep
+    service alike. Check reads the lifecycle's snapshot; Watch follows its state changes."""
+
+    def __init__(self, lifecycle: Lifecycle):
+        super().__init__()
+        self._lifecycle = lifecycle
+        self._shutting_down = False
+        lifecycle.on_state(lambda _: asyncio.ensure_future(self.refresh()))
+
+    def _status(self) -> int:
+        serving = self._lifecycle.snapshot().serving and not self._shutting_down
+        return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def refresh(self) -> None:
+        """Tell the watchers the status of now."""
+        status = self._status()
+        for name in ("", SERVICE):
+            await self.set(name, status)
+
+    async def Check(self, request, context):
+        if request.service not in ("", SERVICE):
+            return await super().Check(request, context)  # NOT_FOUND
+        return health_pb2.HealthCheckResponse(status=self._status())
+
+    async def enter_graceful_shutdown(self) -> None:
+        self._shutting_down = True
+        await super().enter_graceful_shutdown()
+
+
+async def build_server(config: DaemonConfig, service: KsleepService) -> tuple[grpc.aio.Server, LifecycleHealth]:
     interceptors = [ControlTokenInterceptor(config.control_token), ErrorInterceptor(on_error=service.metrics.error)]
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)])
     ksleep_pb2_grpc.add_KsleepServicer_to_server(service, server)
-    health = health_aio.HealthServicer()
+    health = LifecycleHealth(service.lifecycle)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)

@@ -105,7 +105,7 @@ class Workers:
         """Seconds before the next restart: none after a first crash, then doubling for crashes within a minute."""
         now = time.monotonic()
         self._crashes = [t for t in self._crashes if now - t < 60] + [now]
-        return 0.0 if len(self._crashes) == 1 else min(30.0, 0.5 * 2 ** (len(self._crashes) - 2))
+        return 0.0 if len(self._crashes) == 1 else min(self.config.restart_backoff, 0.5 * 2 ** (len(self._crashes) - 2))
 
     def _schedule_restart(self, delay: float, asleep: bool) -> None:
         self._bring_up = asyncio.create_task(self._restart(delay, asleep))

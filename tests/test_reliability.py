@@ -4,16 +4,19 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import grpc
+import psutil
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ksleep.supervisor.admission import Gate
 from ksleep.supervisor.config import DaemonConfig
 from ksleep.supervisor.launcher import Forkserver
 from ksleep.supervisor.lifecycle import Lifecycle
 from ksleep.supervisor.server import status_message
-from ksleep.v1 import common_pb2, ksleep_pb2
+from ksleep.v1 import common_pb2, ksleep_pb2, ksleep_pb2_grpc
 from ksleep.worker.limits import MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_STRINGS
 
 from .daemon import Daemon, request
@@ -175,3 +178,82 @@ def test_a_failed_memory_reading_leaves_the_figure_out_not_the_answer(tmp_path, 
         assert status.device_used_bytes == 0 and status.memory_source == "nvml"
 
     asyncio.run(run())
+
+
+def test_a_client_that_stops_reading_is_cancelled_at_its_backlog_and_holds_up_no_sleep(start_daemon):
+    # a 4-token backlog; the client's connection buffers ~1 KiB (no window growth), so it stalls within ~40 tokens
+    daemon = start_daemon("--stream-backlog", "4", "--drain-timeout", "30", env={"KSLEEP_FAULT_STEP_DELAY": "0.01"})
+    options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    with grpc.insecure_channel(f"unix:{daemon.socket}", options=options) as channel:
+        stalled = ksleep_pb2_grpc.KsleepStub(channel).Generate(request(max_tokens=200, ignore_eos=True), timeout=120)
+        next(stalled)  # streaming; never read again
+        deadline = time.monotonic() + 30
+        while daemon.status().in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert daemon.status().in_flight == 0, "the stalled stream still holds its ticket"
+        t0 = time.monotonic()
+        reply = daemon.stub.Sleep(ksleep_pb2.SleepRequest(level=1, mode=ksleep_pb2.SLEEP_MODE_WAIT), timeout=60)
+        assert reply.aborted_requests == 0 and time.monotonic() - t0 < 10
+        assert len(daemon.generate(request(max_tokens=3))) == 3  # another user is served meanwhile
+        with pytest.raises(grpc.RpcError) as err:
+            list(stalled)  # reading again: what was buffered, then the reason
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "unread" in err.value.details()
+
+
+def _wait_restarted(daemon, old_pid: int, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = daemon.status()
+        if status.state == S.STATE_AWAKE and status.worker_pid not in (0, old_pid):
+            return status.worker_pid
+        time.sleep(0.02)
+    raise AssertionError(f"no new worker after {timeout} s:\n{daemon.output()}")
+
+
+def test_health_says_not_serving_while_the_worker_is_down_and_serving_again_after(start_daemon):
+    daemon = start_daemon()
+    health = health_pb2_grpc.HealthStub(daemon.channel)
+    SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    service = "ksleep.v1.Ksleep"
+    assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == SERVING
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=service), timeout=60)
+    assert next(watch).status == SERVING
+    os.kill(daemon.status().worker_pid, signal.SIGKILL)
+    assert next(watch).status == NOT_SERVING  # the worker is dead: a request would wait for its restart
+    assert next(watch).status == SERVING  # restarted from the pool
+    watch.cancel()
+    daemon.stub.Sleep(ksleep_pb2.SleepRequest(level=1), timeout=60)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING  # asleep still serves
+
+
+def test_a_pool_checksum_failure_relayed_from_the_worker_reaches_clients_as_unavailable():
+    from ksleep.worker.interceptor import status_for
+
+    relayed = grpc.aio.AioRpcError(grpc.StatusCode.DATA_LOSS, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                   details="weight pool checksum mismatch in bytes 0-2,097,152 (embed)")
+    code, message = status_for(relayed)
+    assert code == grpc.StatusCode.UNAVAILABLE and "checksum" in message and "retry" in message
+
+
+def test_a_hundred_worker_crashes_in_a_row_leave_descriptors_threads_and_rss_flat(start_daemon, prefix):
+    daemon = start_daemon("--restart-backoff", "0")
+    want = daemon.ids(request(max_tokens=4))
+    supervisor = psutil.Process(daemon.proc.pid)
+
+    def crashes(n: int) -> None:
+        for _ in range(n):
+            pid = daemon.status().worker_pid
+            os.kill(pid, signal.SIGKILL)
+            _wait_restarted(daemon, pid)
+
+    crashes(10)  # the first restarts settle the allocator and gRPC's thread pools
+    time.sleep(1)  # dead workers' channels close once their requests have failed over
+    before = (supervisor.num_fds(), supervisor.num_threads(), supervisor.memory_info().rss)
+    crashes(90)
+    time.sleep(1)
+    fds, threads, rss = supervisor.num_fds(), supervisor.num_threads(), supervisor.memory_info().rss
+    assert fds <= before[0] + 2 and threads <= before[1] + 1, (before, fds, threads)
+    assert rss <= before[2] + (16 << 20), f"RSS grew by {(rss - before[2]) >> 20} MiB over 90 crashes"
+    assert len(daemon.processes()) == 3  # ksleepd, the forkserver, one worker
+    assert len(list(Path("/dev/shm").glob(f"{prefix}*"))) == 2  # the pool and its manifest, nothing half-made
+    assert daemon.ids(request(max_tokens=4)) == want and daemon.status().restarts == 100

@@ -8,6 +8,7 @@ with its message, and is logged with its traceback.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 
 import grpc
@@ -20,6 +21,9 @@ log = logging.getLogger(__name__)
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, grpc.aio.AioRpcError):
+        if exc.code() == grpc.StatusCode.DATA_LOSS:  # the worker's pool failed a checksum: ours to repair, not lost
+            return grpc.StatusCode.UNAVAILABLE, f"the worker's weight pool failed its checksum ({exc.details()}); " \
+                                                "it is rebuilt from the model's files: retry"
         return exc.code(), exc.details() or str(exc.code())
     if isinstance(exc, KsleepError):  # ValidationError (the client's fault) is INVALID_ARGUMENT; other ValueErrors are bugs
         return grpc.StatusCode[exc.status], str(exc)
@@ -106,7 +110,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 if isinstance(request, _Undecodable):
                     await _abort(context, ValidationError(request.message), method, self.on_error)
                 try:
-                    async for response in inner_stream(request, context):
+                    responses = inner_stream(request, context)
+                    if inspect.isawaitable(responses):  # a handler that writes with context.write (health Watch)
+                        await responses
+                        return
+                    async for response in responses:
                         yield response
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
