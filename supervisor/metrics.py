@@ -43,9 +43,9 @@ class _LifecycleCollector:
     def collect(self):
         now = self.lifecycle.snapshot()  # every figure from one reading
         state = GaugeMetricFamily("ksleep_state", "1 for the daemon's current state", labels=["state"])
-        now = state_name(now.state)
+        current = state_name(now.state)
         for name in STATES:
-            state.add_metric([name], 1.0 if name == now else 0.0)
+            state.add_metric([name], 1.0 if name == current else 0.0)
         yield state
         latest, info = now.latest, now.worker_info
         gauges = {
