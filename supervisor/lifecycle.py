@@ -107,9 +107,9 @@ class Lifecycle(Workers, Admission):
     def stopping(self) -> bool:
         return self._stopping
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, history: bool = False) -> Snapshot:
         """What Status, the metrics, the HTTP face and the health check report, read at one moment."""
-        return snapshot.take(self)
+        return snapshot.take(self, history)
 
     # -- start and stop -------------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -145,7 +145,7 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
 
 
 def status_message(lc: Lifecycle, include_history: bool = False) -> ksleep_pb2.StatusResponse:
-    return lc.snapshot().to_pb(include_history)
+    return lc.snapshot(include_history).to_pb()
 
 
 class LifecycleHealth(health_aio.HealthServicer):

@@ -43,7 +43,7 @@ class Snapshot:
     last_restart: common_pb2.Transition | None
     last_ttft: float | None
     latest: Sample | None  # the last memory sample
-    samples: tuple[Sample, ...]
+    samples: tuple[Sample, ...]  # the memory history, only when asked for (Status(include_history))
     batch: common_pb2.BatchStats | None  # the worker's batch and KV cache, as last sampled (None: unknown)
     pool_bytes: int
     memory_source: str
@@ -58,7 +58,7 @@ class Snapshot:
     def asleep(self) -> bool:
         return self.state in (S.STATE_ASLEEP, S.STATE_SLEEPING)
 
-    def to_pb(self, include_history: bool = False) -> ksleep_pb2.StatusResponse:
+    def to_pb(self) -> ksleep_pb2.StatusResponse:
         info, latest = self.worker_info, self.latest
         out = ksleep_pb2.StatusResponse(
             state=self.state, sleep_level=self.sleep_level, model=self.model, device=self.device,
@@ -83,7 +83,7 @@ class Snapshot:
             out.last_ttft_seconds = self.last_ttft
         if self.batch is not None:
             out.batch.CopyFrom(self.batch)
-        if include_history:
+        if self.samples:
             out.history.extend(ksleep_pb2.MemorySample(
                 at_unix=s.at_unix, state=s.state, device_used_bytes=s.device_used or 0, pool_bytes=s.pool_bytes,
                 **({"worker_device_bytes": s.worker_device} if s.worker_device is not None else {}))
@@ -91,10 +91,11 @@ class Snapshot:
         return out
 
 
-def take(lc) -> Snapshot:
-    """The snapshot of Lifecycle `lc` now (lifecycle.py's `snapshot()`)."""
+def take(lc, history: bool = False) -> Snapshot:
+    """The snapshot of Lifecycle `lc` now (lifecycle.py's `snapshot()`); the memory history is copied only with
+    `history`."""
     info = lc.worker_info
-    samples = tuple(lc.history.samples)
+    samples = lc.history.samples
     return Snapshot(
         state=lc.state, sleep_level=lc.sleep_level, stopping=lc.stopping, model=lc.config.model,
         device=info.device if info else lc.config.device, worker_info=info,
@@ -103,6 +104,6 @@ def take(lc) -> Snapshot:
         idle_seconds=lc.idle_seconds(), idle_timeout=lc.config.idle_timeout,
         configured_sleep_level=lc.config.sleep_level, last_sleep=lc.last_sleep, last_wake=lc.last_wake,
         last_restart=lc.last_restart, last_ttft=lc.last_ttft, latest=samples[-1] if samples else None,
-        samples=samples, batch=lc.batch if lc.worker is not None else None, pool_bytes=lc.pool_bytes(),
+        samples=tuple(samples) if history else (), batch=lc.batch if lc.worker is not None else None, pool_bytes=lc.pool_bytes(),
         memory_source=lc.memory_backend.name if lc.memory_backend else "worker",
         uptime_seconds=time.time() - lc.started_unix)
