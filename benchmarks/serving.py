@@ -14,7 +14,9 @@ weights, and the wake rows, in one run.
 4. Wake: a lone request after a level-1 sleep (TTFT, median), then 8 requests arriving together while asleep:
    every TTFT against the lone one, and the wakes they cost.
 5. A 4,000-token prompt arriving while 15 streams decode: the 15 streams' inter-token latency p99 / median.
-6. One user: the copy floor measured here, TTFT after sleep / floor, batch-1 decode tok/s, sleep seconds.
+6. One user: the copy floor measured here (the reference probe, 4 GiB pinned host->device best of 3, run again
+   right before each lone wake: the host's copy rate drifts by a few percent within minutes), TTFT after sleep /
+   its floor (median over the wakes), batch-1 decode tok/s, sleep seconds.
 """
 from __future__ import annotations
 
@@ -204,7 +206,7 @@ def margins(args, pairs: list[tuple[str, list[int], list[int]]]) -> list[dict]:
 
 
 # -- the daemon rows ----------------------------------------------------------------------------------------------
-async def wake_rows(address: str, cycles: int, together: int) -> dict:
+async def wake_rows(address: str, cycles: int, together: int, probe=None, weight_bytes: int = 0) -> dict:
     import grpc
 
     from ksleep.v1 import ksleep_pb2, ksleep_pb2_grpc
@@ -217,12 +219,15 @@ async def wake_rows(address: str, cycles: int, together: int) -> dict:
             await asyncio.sleep(1.0)  # the driver scrubs memory just freed: a wake right after is slower
             return sleep.sleep.seconds
 
-        lone, sleeps, groups = [], [], []
+        lone, sleeps, groups, floors = [], [], [], []
         for _ in range(2):  # unmeasured: the first wakes of a process are slower
             await asleep()
             await _grpc_request(stub, PROMPT, 2)
         for _ in range(cycles):
             sleeps.append(await asleep())
+            if probe is not None:  # the floor of this wake, read while the worker is asleep, just before it
+                floors.append(weight_bytes / probe.rate())
+                await asyncio.sleep(0.5)
             lone.append(await _grpc_request(stub, PROMPT, 2))
         for _ in range(cycles):
             sleeps.append(await asleep())
@@ -235,7 +240,8 @@ async def wake_rows(address: str, cycles: int, together: int) -> dict:
     worst = max(max(g["ttft_s"]) for g in groups)
     return {"lone_ttft_s": [r["times"][0] - r["sent"] for r in lone], "lone_daemon_ttft_s": [r["daemon_ttft"] for r in lone],
             "lone_ttft_median_s": lone_ttft, "together": groups, "worst_over_lone": worst / lone_ttft,
-            "sleep_s": sleeps}
+            "sleep_s": sleeps, "floor_before_each_lone_s": floors,
+            "lone_daemon_ttft_over_its_floor": [r["daemon_ttft"] / f for r, f in zip(lone, floors)]}
 
 
 async def long_prompt_row(address: str, vocab: int, decoding: int, prompt_tokens: int, stream_tokens: int) -> dict:
@@ -270,7 +276,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
     ap.add_argument("--http-clients", type=int, default=16)
-    ap.add_argument("--wake-cycles", type=int, default=3)
+    ap.add_argument("--wake-cycles", type=int, default=5)
     ap.add_argument("--kv-cache", default="16GiB")
     ap.add_argument("--transformers-seconds", type=float, default=120,
                     help="time for transformers' rows after batch 16's (each new shape compiles first)")
@@ -284,7 +290,7 @@ def main() -> None:
     from ksleep.client.spawn import SpawnedDaemon
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from worker_core import pinned_peak
+    from worker_core import CopyProbe, pinned_peak
 
     for stale in Path("/dev/shm").glob(f"{PREFIX}-*"):
         stale.unlink()
@@ -325,7 +331,11 @@ def main() -> None:
         R["http"] = {args.http_clients: summarise(run_clients(daemon.address, args.http_clients, args.requests,
                                                               offset, http=http))}
         print(f"ksleepd HTTP, {args.http_clients} clients: {R['http'][args.http_clients]['tok_s']:.0f} tok/s", flush=True)
-        R["wake"] = asyncio.run(wake_rows(daemon.address, args.wake_cycles, 8))
+        probe = CopyProbe() if cuda else None
+        try:
+            R["wake"] = asyncio.run(wake_rows(daemon.address, args.wake_cycles, 8, probe, weight_bytes))
+        finally:
+            probe and probe.close()
         print(f"wake: lone {R['wake']['lone_ttft_median_s']:.3f} s, 8 together worst / lone "
               f"{R['wake']['worst_over_lone']:.3f}", flush=True)
         asyncio.run(long_prompt_row(daemon.address, vocab, args.long_prompt_decoding, args.long_prompt_tokens,
@@ -348,7 +358,8 @@ def main() -> None:
         "n16_ttft_p99_s": R["daemon"][16]["ttft_p99_s"] if 16 in R["daemon"] else None,
         "wake_8_worst_over_lone": R["wake"]["worst_over_lone"],
         "long_prompt_itl_p99_over_median": R["long_prompt"]["ratio_p99_over_median"],
-        "wake_ttft_over_floor": statistics.median(R["wake"]["lone_daemon_ttft_s"]) / R["floor_s"] if cuda else None,
+        "wake_ttft_over_floor": statistics.median(R["wake"]["lone_daemon_ttft_over_its_floor"]) if cuda else None,
+        "wake_ttft_over_start_floor": statistics.median(R["wake"]["lone_daemon_ttft_s"]) / R["floor_s"] if cuda else None,
         "wake_client_ttft_over_floor": R["wake"]["lone_ttft_median_s"] / R["floor_s"] if cuda else None,
         "batch1_decode_tok_s": n1["per_request_decode_tok_s"] if n1 else None,
         "sleep_s_max": max(R["wake"]["sleep_s"]),

@@ -48,22 +48,39 @@ def used_bytes() -> int:
     return vm.total - vm.available
 
 
+class CopyProbe:
+    """The reference probe of the copy floor: best-of-n bytes/s of one pinned host->device copy of 4 GiB. Its
+    buffers are kept, so that it can be run again right before each measured wake (the host's copy rate drifts
+    by a few percent between runs and machines; a floor read minutes earlier is not the same run's floor)."""
+
+    def __init__(self, nbytes: int = 4 * GiB):
+        self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=DEVICE.type == "cuda")
+        self.host.fill_(1)
+        self.dev = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
+
+    def rate(self, reps: int = 3) -> float:
+        best = float("inf")
+        for _ in range(reps):
+            sync()
+            t = time.perf_counter()
+            self.dev.copy_(self.host, non_blocking=True)
+            sync()
+            best = min(best, time.perf_counter() - t)
+        return self.host.numel() / best
+
+    def close(self) -> None:
+        del self.host, self.dev
+        if DEVICE.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def pinned_peak(nbytes: int = 4 * GiB, reps: int = 3) -> float:
     """Best-of-n bytes/s of one pinned host->device copy, like the reference probe."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=DEVICE.type == "cuda")
-    host.fill_(1)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
-    best = float("inf")
-    for _ in range(reps):
-        sync()
-        t = time.perf_counter()
-        dev.copy_(host, non_blocking=True)
-        sync()
-        best = min(best, time.perf_counter() - t)
-    del host, dev
-    if DEVICE.type == "cuda":
-        torch.cuda.empty_cache()
-    return nbytes / best
+    probe = CopyProbe(nbytes)
+    try:
+        return probe.rate(reps)
+    finally:
+        probe.close()
 
 
 def first_token_seconds(engine: Engine) -> tuple[float, int]:

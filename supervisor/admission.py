@@ -56,6 +56,7 @@ class Ticket:
     worker: WorkerHandle
     woke: bool
     arrived_unix: float
+    wakes: int  # the daemon's wake count when it was admitted (has the model been woken since?)
     call: object = None  # the worker Generate call, once started
     aborted: bool = False
     first_token_seconds: float | None = field(default=None)
@@ -85,7 +86,7 @@ class Admission:
                     break
         finally:
             self._waiting -= 1
-        ticket = Ticket(self.worker, woke, arrived)
+        ticket = Ticket(self.worker, woke, arrived, self.wakes_total)
         self._tickets.add(ticket)
         try:
             yield ticket

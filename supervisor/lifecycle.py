@@ -135,16 +135,19 @@ class Lifecycle(Workers, Admission):
                 log.info("removed the weight pool %s", self.worker_info.pool_name)
 
     # -- requests -------------------------------------------------------------------------------------------
-    async def reconcile(self, worker: WorkerHandle) -> bool:
+    async def reconcile(self, worker: WorkerHandle, wakes_before: int | None = None) -> bool:
         """Read the worker's own state back after it refused a request as asleep: a worker can fall asleep by
-        itself (a rebuild that failed behind a first forward leaves it at level 2). True when ours followed
-        (the request may be retried: its admission then wakes the model, once)."""
+        itself (a rebuild that failed behind a first forward leaves it at level 2). True when the request may be
+        retried: ours followed (its admission then wakes the model, once), or another request refused the same
+        way already did and the model was woken since `wakes_before` (the wake count when it was admitted)."""
         async with self._lock:
-            if self.worker is not worker:
-                return True  # replaced meanwhile: the retry goes to its successor
+            if self.worker is not worker or (wakes_before is not None and self.wakes_total > wakes_before):
+                return True  # replaced, or woken, meanwhile: the retry goes to the worker as it is now
             info = await worker.stub.Status(worker_pb2.WorkerStatusRequest(), timeout=STATUS_DEADLINE)
-            if info.state != S.STATE_ASLEEP or self.state != S.STATE_AWAKE:
+            if info.state != S.STATE_ASLEEP:
                 return False
+            if self.state != S.STATE_AWAKE:
+                return True  # another refused request made ours follow already; the retry's admission wakes it
             log.warning("worker %d is asleep at level %d though ksleepd had it awake; following it", worker.pid,
                         info.sleep_level)
             self.state, self.sleep_level = S.STATE_ASLEEP, max(1, info.sleep_level)

@@ -119,7 +119,7 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
                 raise SleepAbortedError("cancelled: the model was put to sleep with SLEEP_MODE_ABORT") from exc
             # refused as asleep, or its pool failed a checksum and the rebuild failed too (asleep at level 2)
             if (isinstance(exc, grpc.aio.AioRpcError) and exc.code() in ASLEEP_CODES
-                    and await self.lifecycle.reconcile(ticket.worker)):
+                    and await self.lifecycle.reconcile(ticket.worker, ticket.wakes)):
                 raise WorkerAsleepError("the worker was asleep") from exc
             if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE or (
                     isinstance(exc, Exception) and ticket.worker.exited.done()):

@@ -22,6 +22,7 @@ from .monitor import select_backend
 log = logging.getLogger("ksleep.lifecycle")
 S = common_pb2
 STATUS_DEADLINE = 5.0  # seconds a worker's Status may take (it reads device memory)
+CLOSE_DELAY = 1.0  # seconds after a worker's death before its channel is closed
 WAKE_DEADLINE = 600.0  # seconds a worker's Wake may take (at level 2 it reloads the weights from the model's files)
 
 
@@ -100,6 +101,8 @@ class Workers:
         log.error("worker %d died (exit code %s); restart %d in %.1f s", worker.pid, code, self.restarts, delay)
         self._schedule_restart(delay, asleep)
         self._touch()
+        await asyncio.sleep(CLOSE_DELAY)  # the calls it failed are handled first (a close under them hung the loop)
+        await worker.channel.close()
 
     def _backoff(self) -> float:
         """Seconds before the next restart: none after a first crash, then doubling for crashes within a minute."""
