@@ -63,7 +63,8 @@ def status_table(s: Status) -> Table:
         used, tokens = b["kv_used_tokens"], b["kv_cache_tokens"]
         table.add_row("batch", f"{b['running']} running, {b['waiting']} waiting (at most {b['max_batch']} and "
                                f"{b['max_queue']}); {b['attention']} attention, "
-                               + (f"{b['graphs_captured']} CUDA graph(s)" if b["cuda_graphs"] else "eager steps"))
+                               + (f"{b['graphs_captured']} CUDA graph(s)" if b["cuda_graphs"] else "eager steps")
+                               + (f"; fused {', '.join(b['fused'])}" if b.get("fused") else ""))
         table.add_row("KV cache", f"{human(b['kv_cache_bytes'])} ({human(b.get('kv_mapped_bytes', 0))} mapped), "
                                   f"{tokens:,} positions, {used:,} reserved ({used / tokens:.0%})" if tokens else "-")
     for name, t in (("last sleep", s.last_sleep), ("last wake", s.last_wake)):

@@ -13,7 +13,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from ksleep.v1 import forkserver_pb2
-from ksleep.worker.limits import INT_RANGES, check_int, parse_kv_cache
+from ksleep.worker.limits import INT_RANGES, PREFILL_CHUNK, check_int, parse_kv_cache
 
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -51,10 +51,11 @@ class DaemonConfig:
     pool_prefix: str = field(default="ksleep", metadata={"help": "file-name prefix of the pool"})
     vmm: str = field(default="auto", metadata={"help": "CUDA virtual memory for stable addresses: auto, on or off"})
     cuda_graphs: str = field(default="auto", metadata={"help": "replay steps from CUDA graphs: auto (where they apply: a GPU with torch's varlen flash kernel), on (required), off"})
+    fused_kernels: str = field(default="auto", metadata={"help": "run each RMSNorm, rotary embedding and SiLU x up as one kernel compiled with torch.compile (Triton): auto (on a GPU; transformers' modules if compiling fails), on (required), off"})
     kv_cache: str = field(default="auto", metadata={"help": "size of the batch KV cache: auto (half the device memory free once the weights are placed; 256MiB on CPU), a fraction of that (0.3) or bytes (8GiB)"})
     max_batch: int = field(default=128, metadata={"help": "requests decoded together in one batch; more wait in the queue"})
     max_queue: int = field(default=1024, metadata={"help": "requests that may wait for the batch; beyond, requests are refused with RESOURCE_EXHAUSTED"})
-    prefill_chunk: int = field(default=512, metadata={"help": "tokens a step feeds while requests decode (theirs included): a long prompt delays them by one such step at a time"})
+    prefill_chunk: int = field(default=PREFILL_CHUNK, metadata={"help": "tokens a step feeds while requests decode (theirs included): a long prompt delays them by one such step at a time"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the checkpoint (off: no code is loaded)"})
     grace: float = field(default=5.0, metadata={"help": "seconds a worker gets to stop after SIGTERM before SIGKILL"})
     worker_timeout: float = field(default=10.0, metadata={"help": "seconds a worker may leave health pings unanswered before it is declared hung, killed and restarted from the pool (requests without a token yet are replayed)"})
@@ -84,6 +85,8 @@ class DaemonConfig:
             raise ValueError("vmm must be auto, on or off")
         if self.cuda_graphs not in ("auto", "on", "off"):
             raise ValueError("cuda_graphs must be auto, on or off")
+        if self.fused_kernels not in ("auto", "on", "off"):
+            raise ValueError("fused_kernels must be auto, on or off")
         parse_kv_cache(self.kv_cache)
         for name in INT_RANGES:
             check_int(name, getattr(self, name))
@@ -140,6 +143,7 @@ class DaemonConfig:
             vmm=self.vmm, trust_remote_code=self.trust_remote_code, socket_path=str(socket_path),
             supervisor_pid=os.getpid(), start_asleep=start_asleep, log_level=self.log_level,
             cuda_graphs=self.cuda_graphs, kv_cache=self.kv_cache, max_batch=self.max_batch,
+            fused_kernels=self.fused_kernels,
             max_queue=self.max_queue, prefill_chunk=self.prefill_chunk, standby=standby,
             skip_wake_checksums=not self.verify_wakes)
 

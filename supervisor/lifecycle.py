@@ -1,5 +1,6 @@
 """The daemon's state machine: one worker, its sleeps and wakes, the requests that use it, its restarts. The
-workers themselves (spawn, watch, restart) are in workers.py, admission and the idle clock in admission.py.
+workers themselves (spawn, watch, restart) are in workers.py, admission and the idle clock in admission.py, memory
+samples in sampling.py.
 
 Invariants:
 - Transitions (sleep, wake, start, restart) run one at a time, under `_lock`.
@@ -20,16 +21,17 @@ import grpc
 
 from ksleep.v1 import common_pb2, ksleep_pb2, worker_pb2
 from ksleep.worker.errors import KsleepError, StateError, ValidationError
-from ksleep.worker.poolfiles import data_path, remove_pool_files
+from ksleep.worker.poolfiles import remove_pool_files
 
 from .admission import Admission, Gate, Ticket
 from .config import DaemonConfig, runtime_dir
 from .launcher import Forkserver, WorkerHandle
 from .metrics import Metrics
 from . import snapshot
-from .monitor import DeviceMemory, MemoryHistory
+from .monitor import MemoryHistory
 from .snapshot import Snapshot
 from .standby import Standby
+from .sampling import Sampling
 from .workers import STATUS_DEADLINE, WAKE_DEADLINE, Workers
 
 log = logging.getLogger("ksleep.lifecycle")
@@ -53,7 +55,7 @@ class WorkerAsleepError(KsleepError):
     status = "UNAVAILABLE"
 
 
-class Lifecycle(Workers, Admission):
+class Lifecycle(Workers, Admission, Sampling):
     def __init__(self, config: DaemonConfig, metrics: Metrics | None = None):
         self.config = config
         self.metrics = metrics or Metrics()
@@ -270,55 +272,3 @@ class Lifecycle(Workers, Admission):
                  " ".join(f"{name}={seconds * 1e3:.1f}ms" for name, seconds in sleep.phases.items()))
         self._record()
         return sleep
-
-    # -- memory samples -----------------------------------------------------------------------------------
-    async def _sample_loop(self) -> None:
-        while True:
-            try:
-                await self.sample()
-            except Exception:  # noqa: BLE001 - one failed sample is logged; sampling goes on
-                log.exception("a memory sample failed")
-            await asyncio.sleep(self.config.sample_interval)  # a periodic sampler, not a wait for a condition
-
-    def _record(self) -> None:
-        """Sample memory right after a transition too (without holding up the caller)."""
-        self._touch()
-        asyncio.create_task(self.sample(self.state))
-
-    async def sample(self, state: int | None = None):
-        """One memory sample, attributed to `state` (the state now, unless a transition just ended); the worker's
-        batch figures are read at the same time."""
-        state = self.state if state is None else state
-        memory = None
-        info = await self._worker_status()
-        if self.memory_backend is not None:
-            try:
-                memory = await asyncio.to_thread(self.memory_backend.read, self.worker.pid if self.worker else None)
-            except Exception as exc:  # noqa: BLE001 - e.g. an NVML error: this sample has no figure, not no answer
-                log.warning("reading device memory (%s) failed: %s", self.memory_backend.name, exc)
-        if memory is None and info is not None:
-            memory = DeviceMemory(info.memory.device_used_bytes, info.memory.device_total_bytes,
-                                  info.memory.process_device_bytes if info.memory.HasField("process_device_bytes") else None)
-        return self.history.add(state, memory, self.pool_bytes())
-
-    async def _worker_status(self) -> worker_pb2.WorkerStatusResponse | None:
-        """The serving worker's own Status (None without a worker, or when it does not answer in time); keeps
-        `batch`, its batch and KV cache figures, up to date."""
-        worker = self.worker
-        if worker is None:
-            self.batch = None
-            return None
-        try:
-            info = await worker.stub.Status(worker_pb2.WorkerStatusRequest(), timeout=STATUS_DEADLINE)
-        except grpc.aio.AioRpcError:
-            self.batch = None  # unknown now: better absent than stale
-            return None
-        worker.answered = time.monotonic()  # the watchdog need not ping it now
-        self.batch = info.batch if info.HasField("batch") else None
-        return info
-
-    def pool_bytes(self) -> int:
-        if self.worker_info is None:
-            return 0
-        path = data_path(self.config.shm_dir, self.worker_info.pool_name)
-        return path.stat().st_size if path.exists() else 0

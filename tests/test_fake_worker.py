@@ -11,7 +11,6 @@ import pytest
 
 from ksleep.supervisor.config import DaemonConfig
 from ksleep.supervisor.lifecycle import WorkerGoneError
-from ksleep.supervisor.metrics import Metrics
 from ksleep.supervisor.server import KsleepService
 from ksleep.v1 import common_pb2, ksleep_pb2
 

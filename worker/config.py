@@ -9,7 +9,7 @@ import torch
 
 from ksleep.v1 import forkserver_pb2
 
-from .limits import INT_RANGES, check_int, parse_kv_cache
+from .limits import INT_RANGES, PREFILL_CHUNK, check_int, parse_kv_cache
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 VMM_MODES = ("auto", "on", "off")
@@ -47,6 +47,9 @@ class WorkerConfig:
         contends with the copy: ~10 ms of a 0.29 s 7B wake on an H200, measured).
     cuda_graphs: `auto` replays steps from CUDA graphs where they apply (a GPU whose torch has the varlen flash
         kernel); `on` requires them (loading fails where they do not apply); `off` runs every step eagerly.
+    fused_kernels: `auto` runs each RMSNorm, rotary embedding and SiLU x up as one kernel compiled by
+        torch.compile (Triton) on a GPU, and falls back to transformers' modules if compiling fails; `on`
+        requires it; `off` keeps transformers' modules (fusion.py).
     kv_cache: the batch KV cache's size: `auto` (half the device memory free once the weights are placed, 256 MiB
         on CPU), a fraction of that free memory (`0.3`), or bytes (`8GiB`, `512MiB`, `1000000000`).
     max_batch: sequences that run at once (more wait in the queue).
@@ -71,10 +74,11 @@ class WorkerConfig:
     trust_remote_code: bool = False
     load_threads: int = 8
     cuda_graphs: str = "auto"
+    fused_kernels: str = "auto"
     kv_cache: str = "auto"
     max_batch: int = 128
     max_queue: int = 1024
-    prefill_chunk: int = 512
+    prefill_chunk: int = PREFILL_CHUNK
 
     def __post_init__(self) -> None:
         if not self.model or not self.model.strip():
@@ -96,6 +100,8 @@ class WorkerConfig:
             raise ValueError(f"pool_prefix {self.pool_prefix!r} must be a non-empty file-name prefix")
         if self.cuda_graphs not in GRAPH_MODES:
             raise ValueError(f"cuda_graphs {self.cuda_graphs!r} is not one of {', '.join(GRAPH_MODES)}")
+        if self.fused_kernels not in GRAPH_MODES:
+            raise ValueError(f"fused_kernels {self.fused_kernels!r} is not one of {', '.join(GRAPH_MODES)}")
         parse_kv_cache(self.kv_cache)  # ValueError naming the setting
         for name in INT_RANGES:
             check_int(name, getattr(self, name))
@@ -111,8 +117,9 @@ class WorkerConfig:
                    cache_dir=pb.cache_dir or None, model_dir=pb.model_dir or None, shm_dir=pb.shm_dir or "/dev/shm",
                    pool_prefix=pb.pool_prefix or "ksleep", vmm=pb.vmm or "auto", trust_remote_code=pb.trust_remote_code,
                    cuda_graphs=pb.cuda_graphs or "auto", kv_cache=pb.kv_cache or "auto",
+                   fused_kernels=pb.fused_kernels or "auto",
                    max_batch=pb.max_batch or 128, max_queue=pb.max_queue if pb.HasField("max_queue") else 1024,
-                   prefill_chunk=pb.prefill_chunk or 512, verify_on_wake=not pb.skip_wake_checksums)
+                   prefill_chunk=pb.prefill_chunk or PREFILL_CHUNK, verify_on_wake=not pb.skip_wake_checksums)
 
     def to_pb(self, **extra) -> forkserver_pb2.WorkerSettings:
         """The settings message for a worker; `extra` sets the fields that are not the engine's (socket_path...)."""
@@ -121,6 +128,7 @@ class WorkerConfig:
             cache_dir=str(self.cache_dir), model_dir=str(self.model_dir), shm_dir=str(self.shm_dir),
             pool_prefix=self.pool_prefix, vmm=self.vmm, trust_remote_code=self.trust_remote_code,
             cuda_graphs=self.cuda_graphs, kv_cache=self.kv_cache, max_batch=self.max_batch,
+            fused_kernels=self.fused_kernels,
             max_queue=self.max_queue, prefill_chunk=self.prefill_chunk,
             skip_wake_checksums=not self.verify_on_wake, **extra)
 

@@ -52,6 +52,7 @@ class Engine:
         self._gather: tuple[int, float, float] | None = None  # (requests expected, hold at least until, at most)
         self.weights: WeightStore | None = None  # set by _load, on the engine thread
         self.scheduler: Scheduler | None = None
+        self.runner = None  # ModelRunner, set by _load
         self._thread = CommandThread("ksleep-engine", self._loop)
         self._thread.start()
 
@@ -330,6 +331,8 @@ class Engine:
         if self.weights is not None:
             self.kv_cache.unbind()
             self.weights.close(remove_pool)
+        if self.runner is not None and self.runner.fusion is not None:
+            self.runner.fusion.revert()  # the process's transformers module is shared with other engines
 
     def __enter__(self) -> Engine:
         return self

@@ -10,6 +10,7 @@ MAX_PROMPT_TOKENS = 1 << 20  # token ids in a prompt
 MAX_MESSAGES = 4096  # messages in a chat prompt
 PAD_TOKENS = 16  # KV cache positions never handed to a request: the padding rows of a graph-captured step write there
 
+PREFILL_CHUNK = 256  # default --prefill-chunk: a 4,000-token prompt beside 15 decodes keeps their ITL p99 < 3x median (H200, 7B)
 INT_RANGES = {"max_batch": (1, 512), "max_queue": (0, 1 << 20), "prefill_chunk": (16, 1 << 16)}
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
           "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}

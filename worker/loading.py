@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import attention
+from . import attention, fusion
 from .config import WorkerConfig
 from .arena import DeviceArena
 from .kvcache import PAD_TOKENS, CacheSize, KVCache, bytes_per_token, head_dim, kv_heads
@@ -16,7 +16,7 @@ from .prompt import PromptEncoder
 from .reports import LoadReport, Phases
 from .runner import Batch, ModelRunner
 from .sampler import Sampler
-from .scheduler import Scheduler
+from .scheduler import IDLE_STEP_TOKENS, Scheduler
 from .weights import WeightState, WeightStore
 
 log = logging.getLogger(__name__)
@@ -76,33 +76,58 @@ def load_parts(config: WorkerConfig, prepared: PreparedModel | None, awake: bool
         raise ValueError(f"cuda_graphs=on, but CUDA graphs do not apply here: {reason}")
     runner = ModelRunner(skeleton.model, kv_cache, device, backend, config.cuda_graphs != "off", config.max_batch,
                          graph_tokens)
+    if fusion.wanted(config.fused_kernels, device):
+        runner.fusion = fusion.Fusion(skeleton.model)  # compiled by the warm-up (or the first step after a wake)
     scheduler = Scheduler(kv_cache, config.max_batch, config.max_queue, config.prefill_chunk)
     phases.mark("prepare")
     try:
         how = weights.bring_up(awake)
         if weights.state is WeightState.AWAKE:
             kv_cache.bind(arena.scratch())
-            if device.type == "cuda":  # queued behind the copy still in flight: kernels load while it lands
-                warm_up(runner)
+            if device.type == "cuda" or runner.fusion is not None:  # behind the copy still in flight
+                warm_up(runner, config.fused_kernels)
             if weights.settle():  # the attached pool failed its checksum behind the warm-up
                 how = "rebuilt"
         phases.mark("copy_verify_warm_up" if device.type == "cuda" else "copy_verify")
     except BaseException:
         weights.close()
+        if runner.fusion is not None:
+            runner.fusion.revert()
         raise
     if device.type == "cuda":
         torch.cuda.empty_cache()  # loading's scratch (synthetic draws, checksums) must not count as "awake"
     pool = weights.pool
     report = LoadReport(phases.total, how, weights.pool_name, layout.weight_bytes, layout.total_bytes,
                         arena.stable_addresses, pool is not None and pool.pinned, phases.seconds)
-    log.info("loaded %s: %s; KV cache %d positions (%.2f GB), attention %s, graphs %s", config.model, report, tokens,
-             kv_cache.nbytes / 1e9, backend, runner.graphs_enabled)
+    log.info("loaded %s: %s; KV cache %d positions (%.2f GB), attention %s, graphs %s, fused %s", config.model, report,
+             tokens, kv_cache.nbytes / 1e9, backend, runner.graphs_enabled, runner.fused or "none")
     return EngineParts(device, skeleton, layout, tokenizer, context_tokens, encode, eos_ids, kv_cache, weights, backend,
                        runner, scheduler, Sampler(device), report)
 
 
-def warm_up(runner: ModelRunner) -> None:
-    """One forward before serving: a fresh process loads its kernels and creates its cuBLAS handle on its first
-    forward (~1 s for a 7B); better here than in the first user's time to first token. It writes only the cache's
-    pad positions."""
-    runner.forward(Batch([0, 0], [0, 1], [0, 1], [2], [0], [2]), eager=True)
+def warm_up(runner: ModelRunner, fused_kernels: str = "off") -> None:
+    """Forwards before serving: a fresh process loads its kernels and creates its cuBLAS handle on its first
+    forward (~1 s for a 7B), compiles its fused kernels (one-token and longer steps compile apart), and loads
+    the matrix kernels of each step size a graph runs and of larger prefills (the first 8 requests prefilled
+    together behind a wake were ~40 ms late without): better here than in a user's time to first token. Nothing
+    holds the cache yet: they write only positions below the graphs' largest step, which every wake maps. Fused
+    kernels that fail to compile give way to transformers' modules, unless they were required (`on`)."""
+    first = [Batch([0, 0], [0, 1], [0, 1], [2], [0], [2]), Batch([0], [0], [0], [1], [0], [1])]
+    try:
+        for batch in first if runner.fusion is not None else first[:1]:
+            runner.forward(batch, eager=True)
+    except Exception as exc:  # noqa: BLE001 - a compiler error (no Triton, no C compiler...) is not fatal in auto
+        if runner.fusion is None or fused_kernels == "on":
+            raise
+        log.warning("fused kernels do not compile here (%s: %s); using transformers' modules", type(exc).__name__, exc)
+        runner.fusion.revert()
+        runner.fusion = None
+        runner.forward(first[0], eager=True)
+    if runner.graphs_enabled:
+        sizes = [Batch([0] * n, list(range(n)), list(range(n)), [n], [0], [n]) for n in runner.token_sizes if n > 2]
+        for n in (512, 1024, 2048, 4096, IDLE_STEP_TOKENS):  # 32-token prompts, all at the same positions
+            seqs = n // 32
+            sizes.append(Batch([0] * n, list(range(32)) * seqs, list(range(32)) * seqs, [32] * seqs, [0] * seqs,
+                               [32] * seqs))
+        for batch in sizes:
+            runner.forward(batch, eager=True)

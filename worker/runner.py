@@ -63,6 +63,11 @@ class ModelRunner:
         self._static: _StaticInputs | None = None
         self.captures = 0  # graphs captured so far (stays put across sleeps with stable addresses)
         self.replays = 0
+        self.fusion = None  # fusion.Fusion: the decoder pieces run as compiled kernels (set by the loader)
+
+    @property
+    def fused(self) -> list[str]:
+        return self.fusion.applied if self.fusion is not None else []
 
     @torch.inference_mode()
     def forward(self, batch: Batch, eager: bool = False, ids: torch.Tensor | None = None) -> torch.Tensor:

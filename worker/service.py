@@ -29,7 +29,7 @@ def batch_pb(engine: Engine) -> common_pb2.BatchStats:
         kv_cache_tokens=stats.kv_tokens, kv_used_tokens=stats.kv_used_tokens, max_batch=stats.batch_limit,
         max_queue=stats.queue_limit, steps=stats.steps, generated_tokens=stats.tokens, attention=engine.attention,
         cuda_graphs=engine.runner.graphs_enabled, graphs_captured=engine.runner.captures,
-        kv_mapped_bytes=engine.weights.arena.scratch_bytes)
+        kv_mapped_bytes=engine.weights.arena.scratch_bytes, fused=engine.runner.fused)
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):

@@ -142,7 +142,7 @@ class Transition(_message.Message):
     def __init__(self, seconds: _Optional[float] = ..., bytes: _Optional[int] = ..., level: _Optional[int] = ..., at_unix: _Optional[float] = ..., source: _Optional[str] = ..., phases: _Optional[_Mapping[str, float]] = ..., overlapped: _Optional[bool] = ...) -> None: ...
 
 class BatchStats(_message.Message):
-    __slots__ = ("running", "waiting", "kv_cache_bytes", "kv_cache_tokens", "kv_used_tokens", "max_batch", "max_queue", "steps", "generated_tokens", "attention", "cuda_graphs", "graphs_captured", "kv_mapped_bytes")
+    __slots__ = ("running", "waiting", "kv_cache_bytes", "kv_cache_tokens", "kv_used_tokens", "max_batch", "max_queue", "steps", "generated_tokens", "attention", "cuda_graphs", "graphs_captured", "kv_mapped_bytes", "fused")
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,7 @@ class BatchStats(_message.Message):
     CUDA_GRAPHS_FIELD_NUMBER: _ClassVar[int]
     GRAPHS_CAPTURED_FIELD_NUMBER: _ClassVar[int]
     KV_MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FUSED_FIELD_NUMBER: _ClassVar[int]
     running: int
     waiting: int
     kv_cache_bytes: int
@@ -169,4 +170,5 @@ class BatchStats(_message.Message):
     cuda_graphs: bool
     graphs_captured: int
     kv_mapped_bytes: int
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., steps: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., attention: _Optional[str] = ..., cuda_graphs: _Optional[bool] = ..., graphs_captured: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ...) -> None: ...
+    fused: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., steps: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., attention: _Optional[str] = ..., cuda_graphs: _Optional[bool] = ..., graphs_captured: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., fused: _Optional[_Iterable[str]] = ...) -> None: ...
