@@ -39,6 +39,12 @@ def transition_dict(pb: common_pb2.Transition) -> dict:
             "source": pb.source, "phases": dict(pb.phases), "overlapped": pb.overlapped}
 
 
+def batch_dict(pb) -> dict:
+    """BatchStats as plain values: repeated fields become lists, so the dict is JSON as it stands."""
+    return {f.name: list(getattr(pb, f.name)) if f.is_repeated else getattr(pb, f.name)
+            for f in pb.DESCRIPTOR.fields}
+
+
 @dataclass(slots=True)
 class Status:
     """The daemon's Status, with states as words ("awake") and transitions as dicts."""
@@ -87,7 +93,7 @@ class Status:
             *(transition_dict(getattr(pb, n)) if pb.HasField(n) else None for n in ("last_sleep", "last_wake", "last_restart")),
             optional("last_ttft_seconds"), pb.sleeps_total, pb.wakes_total, pb.memory_source, pb.worker_load_source,
             pb.uptime_seconds, pb.configured_sleep_level, pb.version, pb.standby_pid, history,
-            {f.name: getattr(pb.batch, f.name) for f in pb.batch.DESCRIPTOR.fields} if pb.HasField("batch") else None,
+            batch_dict(pb.batch) if pb.HasField("batch") else None,
         )
 
     def to_dict(self) -> dict:

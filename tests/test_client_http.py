@@ -106,6 +106,7 @@ def test_ksleepctl_commands_and_exit_codes(daemon):
                   "worker_device_bytes", "pool_bytes", "worker_pid", "restarts", "in_flight", "idle_seconds",
                   "idle_timeout_seconds", "last_sleep", "last_wake", "last_ttft_seconds"):
         assert field in status
+    assert isinstance(status["batch"]["fused"], list)  # repeated fields arrive as JSON lists
     assert ctl(daemon, "status").returncode == 0
     denied = ctl(daemon, "sleep")
     assert denied.returncode == 4 and "UNAUTHENTICATED" in denied.stderr
