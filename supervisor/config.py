@@ -13,6 +13,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from ksleep.v1 import forkserver_pb2
+from ksleep.worker.names import POOL_FORMATS
 from ksleep.worker.limits import INT_RANGES, PREFILL_CHUNK, check_int, parse_kv_cache
 
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
@@ -52,6 +53,7 @@ class DaemonConfig:
     vmm: str = field(default="auto", metadata={"help": "CUDA virtual memory for stable addresses: auto, on or off"})
     cuda_graphs: str = field(default="auto", metadata={"help": "replay steps from CUDA graphs: auto (where they apply: a GPU with torch's varlen flash kernel), on (required), off"})
     fused_kernels: str = field(default="auto", metadata={"help": "run each RMSNorm, rotary embedding and SiLU x up as one kernel compiled with torch.compile (Triton): auto (on a GPU; transformers' modules if compiling fails), on (required), off"})
+    pool_format: str = field(default="auto", metadata={"help": "how the shared-memory pool holds the weights: raw, compressed (bf16 exponents entropy-coded: ~0.67 of the bytes, decoded on the device as a wake lands) or auto (compressed where the GPU decoder passes its self-test, else raw)"})
     kv_cache: str = field(default="auto", metadata={"help": "size of the batch KV cache: auto (half the device memory free once the weights are placed; 256MiB on CPU), a fraction of that (0.3) or bytes (8GiB)"})
     max_batch: int = field(default=128, metadata={"help": "requests decoded together in one batch; more wait in the queue"})
     max_queue: int = field(default=1024, metadata={"help": "requests that may wait for the batch; beyond, requests are refused with RESOURCE_EXHAUSTED"})
@@ -87,6 +89,8 @@ class DaemonConfig:
             raise ValueError("cuda_graphs must be auto, on or off")
         if self.fused_kernels not in ("auto", "on", "off"):
             raise ValueError("fused_kernels must be auto, on or off")
+        if self.pool_format not in POOL_FORMATS:
+            raise ValueError(f"pool_format must be one of {', '.join(POOL_FORMATS)}")
         parse_kv_cache(self.kv_cache)
         for name in INT_RANGES:
             check_int(name, getattr(self, name))
@@ -143,7 +147,7 @@ class DaemonConfig:
             vmm=self.vmm, trust_remote_code=self.trust_remote_code, socket_path=str(socket_path),
             supervisor_pid=os.getpid(), start_asleep=start_asleep, log_level=self.log_level,
             cuda_graphs=self.cuda_graphs, kv_cache=self.kv_cache, max_batch=self.max_batch,
-            fused_kernels=self.fused_kernels,
+            fused_kernels=self.fused_kernels, pool_format=self.pool_format,
             max_queue=self.max_queue, prefill_chunk=self.prefill_chunk, standby=standby,
             skip_wake_checksums=not self.verify_wakes)
 

@@ -256,3 +256,21 @@ def test_daemon_on_gpu_promotes_its_standby_and_level3_leaves_no_process_of_ours
         pids = [p.pid for p in daemon.processes()] if daemon.proc.poll() is None else []
         assert daemon.stop() == 0, daemon.output()
     assert pool_files(prefix) == [] and not any(psutil.pid_exists(p) and not gone(p) for p in pids)
+
+
+def test_the_triton_decoder_passes_its_self_test_and_a_compressed_pool_wakes_to_the_raw_pools_tokens(gpu_engine):
+    from ksleep.worker import codec_triton
+
+    assert codec_triton.self_test(torch.device("cuda", torch.cuda.current_device()))
+    raw = gpu_engine(pool_format="raw")
+    baseline = raw.complete(PROMPT, GREEDY).token_ids
+    raw.close(remove_pool=True)
+    engine = gpu_engine(pool_format="auto", keep_layers=1)
+    assert engine.weights.pool_format == "compressed"
+    assert engine.weights.pool.nbytes < 0.7 * engine.layout.total_bytes
+    assert engine.complete(PROMPT, GREEDY).token_ids == baseline
+    for overlap in (True, False, True):
+        engine.sleep(1)
+        woke = engine.wake(overlap=overlap)
+        assert engine.complete(PROMPT, GREEDY).token_ids == baseline
+        assert woke.source == "mirror"

@@ -176,13 +176,21 @@ class DeviceArena:
         return freed
 
     def fill(self, host: torch.Tensor, blocks: list[Block], expected: torch.Tensor | None = None,
-             staging: StagingRing | None = None) -> ArenaFill:
+             staging: StagingRing | None = None, coded: dict | None = None) -> ArenaFill:
         """Start restoring `blocks` from the host mirror, group by group in execution order (see fill.py); with
         `expected` (all block sums, on this device) each chunk is also verified as it lands. `staging` carries
-        the copy through pinned buffers when the mirror is not pinned (yet)."""
-        size = staging.nbytes if staging is not None else COPY_CHUNK
+        the copy through pinned buffers when the mirror is not pinned (yet). `coded`: a compressed pool's chunk
+        entries by arena start (its chunks are compressed.CHUNK_BYTES)."""
+        if coded is not None:
+            from .compressed import CHUNK_BYTES as size
+        else:
+            size = staging.nbytes if staging is not None else COPY_CHUNK
         chunks = plan_chunks(self.layout, [(b.start, b.end) for b in blocks], size)
-        return ArenaFill(self.device, chunks, host, self._slice, expected, staging).start()
+        return ArenaFill(self.device, chunks, host, self._slice, expected, staging, coded).start()
+
+    def chunk_bytes(self, chunk: Chunk) -> torch.Tensor:
+        """The arena's bytes of `chunk` (present), where the arena lives."""
+        return self._slice(chunk)
 
     def _slice(self, chunk: Chunk) -> torch.Tensor:
         block = self.blocks[bisect.bisect_right(self._starts, chunk.start) - 1]

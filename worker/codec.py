@@ -29,6 +29,7 @@ MAX_CODE_BITS = 12
 LANE_SYMBOLS = 512  # values per lane: its 32-bit offset costs 0.0625 bits per value
 LANES = 128  # lanes per group (one GPU program decodes a group)
 GROUP = LANES * LANE_SYMBOLS
+MAX_VALUES = 1 << 27  # values per chunk: its stream (at most MAX_CODE_BITS a value) stays under 2 Gbit
 _MASK32 = 0xFFFFFFFF
 
 
@@ -51,18 +52,19 @@ class PackedChunk:
 
 
 def split(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(exponent, sign_mantissa) of bf16 `values`, both as int64 0..255."""
+    """(exponent, sign_mantissa) of bf16 `values` (or of any 16-bit pattern), as int64 0..255 and uint8."""
     if values.dtype != torch.bfloat16:
         raise TypeError(f"only bfloat16 is coded, got {values.dtype}")
-    bits = values.reshape(-1).view(torch.int16).to(torch.int64) & 0xFFFF
-    return (bits >> 7) & 0xFF, ((bits >> 8) & 0x80) | (bits & 0x7F)
+    bits = values.reshape(-1).view(torch.int16)
+    exponent = (bits >> 7).to(torch.int64) & 0xFF
+    return exponent, (((bits >> 8) & 0x80) | (bits & 0x7F)).to(torch.uint8)
 
 
 def join(exponent: torch.Tensor, sign_mantissa: torch.Tensor) -> torch.Tensor:
     """The bf16 values of (exponent, sign_mantissa): the inverse of split()."""
-    sm = sign_mantissa.to(torch.int64)
-    bits = ((sm & 0x80) << 8) | (exponent.to(torch.int64) << 7) | (sm & 0x7F)
-    return ((bits ^ 0x8000) - 0x8000).to(torch.int16).view(torch.bfloat16)
+    sm = sign_mantissa.to(torch.int32)
+    bits = ((sm & 0x80) << 8) | (exponent.to(torch.int32) << 7) | (sm & 0x7F)
+    return bits.to(torch.int16).view(torch.bfloat16)  # (the int32 -> int16 cast keeps the low 16 bits)
 
 
 def code_lengths(histogram: list[int], limit: int = MAX_CODE_BITS) -> list[int]:
@@ -120,6 +122,8 @@ def encode(values: torch.Tensor) -> PackedChunk:
     """Pack bf16 `values` (any shape, any device; the chunk's arrays stay on that device)."""
     exponent, sm = split(values)
     count = exponent.numel()
+    if count > MAX_VALUES:
+        raise ValueError(f"a chunk holds at most {MAX_VALUES:,} values, got {count:,}")
     histogram = torch.bincount(exponent, minlength=256)
     lengths = code_lengths(histogram.tolist())
     device = exponent.device
@@ -128,50 +132,51 @@ def encode(values: torch.Tensor) -> PackedChunk:
     padded[:count] = exponent
     # lane order: lane j of a group takes the group's values j, j + LANES, ...
     in_lanes = padded.view(groups, LANE_SYMBOLS, LANES).transpose(1, 2).reshape(-1)
-    length_of = torch.tensor(lengths, dtype=torch.int64, device=device)
-    code_of = torch.tensor(canonical_codes(lengths), dtype=torch.int64, device=device)
-    n = length_of[in_lanes]
-    code = code_of[in_lanes]
+    # one table lookup per value (torch.take: far cheaper than advanced indexing on CPU): code << 4 | length
+    entry = torch.take(torch.tensor([c << 4 | n for c, n in zip(canonical_codes(lengths), lengths)],
+                                    dtype=torch.int64, device=device), in_lanes)
+    del padded, in_lanes
+    n, code = entry & 0xF, entry >> 4
     ends = torch.cumsum(n, 0)
     starts = ends - n
     total = int(ends[-1])
-    if total >= 1 << 32:
-        raise ValueError(f"a chunk's code stream must stay under 4 Gbit; {count} values make {total} bits")
     lane_bits = torch.cat([starts[::LANE_SYMBOLS], ends[-1:]])
     # Each code lands in its word, and the bits that do not fit there in the next one; codes never overlap, so
     # adding the pieces into the words sets exactly their bits.
     words = torch.zeros(total // 32 + 3, dtype=torch.int64, device=device)
-    word, offset = starts >> 5, starts & 31
-    room = 32 - offset - n  # bits left in the word after the code; negative: it spills into the next word
-    fits = room >= 0
-    words.index_add_(0, word, torch.where(fits, code << room.clamp(min=0), code >> (-room).clamp(min=0)))
-    spill = ~fits
+    word = starts >> 5
+    room = 32 - (starts & 31) - n  # bits left in the word after the code; negative: it spills into the next word
+    del starts, ends
+    words.index_add_(0, word, torch.where(room >= 0, code << room.clamp(min=0), code >> (-room).clamp(min=0)))
+    spill = (room < 0).nonzero().squeeze(1)
     words.index_add_(0, word[spill] + 1, (code[spill] << (32 + room[spill])) & _MASK32)
-    return PackedChunk(count, torch.tensor(lengths, dtype=torch.uint8), _as_int32(lane_bits), _as_int32(words),
-                       sm.to(torch.uint8))
+    return PackedChunk(count, torch.tensor(lengths, dtype=torch.uint8), _as_int32(lane_bits), _as_int32(words), sm)
 
 
 def _as_int32(unsigned: torch.Tensor) -> torch.Tensor:
     return ((unsigned ^ 0x80000000) - 0x80000000).to(torch.int32)
 
 
-def decode_exponents(chunk: PackedChunk) -> torch.Tensor:
-    """The reference decoder: every lane one code at a time, all lanes at once (int64[count])."""
+def decode_exponents(chunk: PackedChunk, table: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference decoder: every lane one code at a time, all lanes at once (int64[count]). Word indexes are
+    clamped to the stream, as in the GPU decoder: a damaged chunk decodes to wrong values, never out of bounds."""
     device = chunk.words.device
-    table = decode_table(chunk.lengths).to(device=device, dtype=torch.int64)
+    table = (decode_table(chunk.lengths) if table is None else table).to(device=device, dtype=torch.int64)
     words = chunk.words.to(torch.int64) & _MASK32
+    last = words.numel() - 2
     position = chunk.lane_bits[:-1].to(torch.int64) & _MASK32
     out = torch.empty(LANE_SYMBOLS, chunk.lanes, dtype=torch.int64, device=device)
     for k in range(LANE_SYMBOLS):
-        word, shift = position >> 5, position & 31
-        window = ((words[word] << shift) & _MASK32) | (words[word + 1] >> (32 - shift))
-        entry = table[window >> (32 - MAX_CODE_BITS)]
-        out[k] = entry >> 8
+        word = (position >> 5).clamp_(max=last)
+        pair = (torch.take(words, word) << 32) | torch.take(words, word + 1)  # < 2**64: fits as unsigned bits
+        window = (pair >> (64 - MAX_CODE_BITS - (position & 31))) & ((1 << MAX_CODE_BITS) - 1)
+        entry = torch.take(table, window)
+        out[k] = (entry >> 8) & 0xFF
         position += entry & 0xFF
     groups = chunk.lanes // LANES
     return out.view(LANE_SYMBOLS, groups, LANES).transpose(0, 1).reshape(-1)[:chunk.count]
 
 
-def decode(chunk: PackedChunk) -> torch.Tensor:
+def decode(chunk: PackedChunk, table: torch.Tensor | None = None) -> torch.Tensor:
     """bf16[count], bit for bit the values encode() was given."""
-    return join(decode_exponents(chunk), chunk.sign_mantissa)
+    return join(decode_exponents(chunk, table), chunk.sign_mantissa)

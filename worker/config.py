@@ -9,11 +9,12 @@ import torch
 
 from ksleep.v1 import forkserver_pb2
 
+from .names import MODES, POOL_FORMATS
 from .limits import INT_RANGES, PREFILL_CHUNK, check_int, parse_kv_cache
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 VMM_MODES = ("auto", "on", "off")
-GRAPH_MODES = ("auto", "on", "off")
+GRAPH_MODES = MODES
 
 
 def default_cache_dir() -> Path:
@@ -50,6 +51,9 @@ class WorkerConfig:
     fused_kernels: `auto` runs each RMSNorm, rotary embedding and SiLU x up as one kernel compiled by
         torch.compile (Triton) on a GPU, and falls back to transformers' modules if compiling fails; `on`
         requires it; `off` keeps transformers' modules (fusion.py).
+    pool_format: how the shared-memory pool holds the weights: `raw` (the arena's bytes), `compressed` (bf16
+        exponents entropy-coded, ~0.67 of the bytes, decoded on the device as a wake lands: compressed.py), or
+        `auto` (compressed where the Triton decoder passes its self-test on a GPU, raw elsewhere).
     kv_cache: the batch KV cache's size: `auto` (half the device memory free once the weights are placed, 256 MiB
         on CPU), a fraction of that free memory (`0.3`), or bytes (`8GiB`, `512MiB`, `1000000000`).
     max_batch: sequences that run at once (more wait in the queue).
@@ -75,6 +79,7 @@ class WorkerConfig:
     load_threads: int = 8
     cuda_graphs: str = "auto"
     fused_kernels: str = "auto"
+    pool_format: str = "auto"
     kv_cache: str = "auto"
     max_batch: int = 128
     max_queue: int = 1024
@@ -102,6 +107,10 @@ class WorkerConfig:
             raise ValueError(f"cuda_graphs {self.cuda_graphs!r} is not one of {', '.join(GRAPH_MODES)}")
         if self.fused_kernels not in GRAPH_MODES:
             raise ValueError(f"fused_kernels {self.fused_kernels!r} is not one of {', '.join(GRAPH_MODES)}")
+        if self.pool_format not in POOL_FORMATS:
+            raise ValueError(f"pool_format {self.pool_format!r} is not one of {', '.join(POOL_FORMATS)}")
+        if self.pool_format == "compressed" and self.dtype not in ("auto", "bfloat16"):
+            raise ValueError(f"pool_format=compressed codes bfloat16 weights, not {self.dtype}")
         parse_kv_cache(self.kv_cache)  # ValueError naming the setting
         for name in INT_RANGES:
             check_int(name, getattr(self, name))
@@ -117,7 +126,7 @@ class WorkerConfig:
                    cache_dir=pb.cache_dir or None, model_dir=pb.model_dir or None, shm_dir=pb.shm_dir or "/dev/shm",
                    pool_prefix=pb.pool_prefix or "ksleep", vmm=pb.vmm or "auto", trust_remote_code=pb.trust_remote_code,
                    cuda_graphs=pb.cuda_graphs or "auto", kv_cache=pb.kv_cache or "auto",
-                   fused_kernels=pb.fused_kernels or "auto",
+                   fused_kernels=pb.fused_kernels or "auto", pool_format=pb.pool_format or "auto",
                    max_batch=pb.max_batch or 128, max_queue=pb.max_queue if pb.HasField("max_queue") else 1024,
                    prefill_chunk=pb.prefill_chunk or PREFILL_CHUNK, verify_on_wake=not pb.skip_wake_checksums)
 
@@ -128,7 +137,7 @@ class WorkerConfig:
             cache_dir=str(self.cache_dir), model_dir=str(self.model_dir), shm_dir=str(self.shm_dir),
             pool_prefix=self.pool_prefix, vmm=self.vmm, trust_remote_code=self.trust_remote_code,
             cuda_graphs=self.cuda_graphs, kv_cache=self.kv_cache, max_batch=self.max_batch,
-            fused_kernels=self.fused_kernels,
+            fused_kernels=self.fused_kernels, pool_format=self.pool_format,
             max_queue=self.max_queue, prefill_chunk=self.prefill_chunk,
             skip_wake_checksums=not self.verify_on_wake, **extra)
 

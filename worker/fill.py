@@ -49,16 +49,24 @@ def plan_chunks(layout: ArenaLayout, spans: list[tuple[int, int]], size: int) ->
 
 class ArenaFill:
     """Copies `chunks` from `host` into the arena (dst(chunk) gives the device slice) and verifies them against
-    `expected` block sums when given. Call `start()` once; then wait per group, or `finish()` for everything."""
+    `expected` block sums when given. Call `start()` once; then wait per group, or `finish()` for everything.
+
+    With `coded` (a compressed pool's chunk entries by arena start), each coded chunk's record is copied into a
+    small device ring instead and decoded from there into the arena on a stream of its own, while the next
+    records cross the bus; the group events and the checksums then follow the decode (compressed.py)."""
 
     def __init__(self, device: torch.device, chunks: list[Chunk], host: torch.Tensor, dst,
-                 expected: torch.Tensor | None = None, staging: StagingRing | None = None):
+                 expected: torch.Tensor | None = None, staging: StagingRing | None = None,
+                 coded: dict | None = None):
         self.device = device
         self.chunks = chunks
         self._host, self._dst, self._expected, self._staging = host, dst, expected, staging
+        self._coded = coded
         self._cuda = device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(device) if self._cuda else None
         self._verify_stream = torch.cuda.Stream(device) if self._cuda and expected is not None else None
+        self._decode_stream = torch.cuda.Stream(device) if self._cuda and coded else None
+        self._ring = None  # DeviceRing, made by start() when a coded chunk is restored on a GPU
         last = {c.group: i for i, c in enumerate(chunks)}
         self._group_end = {i: g for g, i in last.items()}  # chunk index -> group completed by it
         self.groups = list(last)
@@ -68,6 +76,10 @@ class ArenaFill:
     def start(self) -> ArenaFill:
         """Queue the copy (on CPU: do it). Returns once every chunk is queued."""
         if self._cuda:
+            if self._decode_stream is not None and any(self._coded[c.start].coded for c in self.chunks):
+                from .compressed import DeviceRing
+
+                self._ring = DeviceRing(self.device)
             with torch.cuda.stream(self._copy_stream):
                 self._queue_all()
         else:
@@ -76,25 +88,53 @@ class ArenaFill:
 
     def _queue_all(self) -> None:
         for i, chunk in enumerate(self.chunks):
-            dst, src = self._dst(chunk), self._host[chunk.start : chunk.end]
-            if self._staging is not None:
-                self._staging.send(dst, src)
+            dst = self._dst(chunk)
+            entry = self._coded[chunk.start] if self._coded is not None else None
+            ready = self._copy_stream  # the stream after which dst holds its bytes
+            if entry is not None and entry.coded:
+                ready = self._queue_decode(entry, dst)
             else:
-                dst.copy_(src, non_blocking=self._cuda)
+                src = self._host[chunk.start : chunk.end] if entry is None else self._host[entry.offset : entry.offset + entry.nbytes]
+                self._send(dst, src)
             if self._expected is not None:
-                self._queue_check(chunk, dst)
+                self._queue_check(chunk, dst, ready)
             group = self._group_end.get(i)
             if group is not None and self._cuda:
                 event = torch.cuda.Event()
-                event.record(self._copy_stream)
+                if self._decode_stream is not None:  # the group's raw chunks (copy) and coded ones (decode)
+                    self._decode_stream.wait_stream(self._copy_stream)
+                    event.record(self._decode_stream)
+                else:
+                    event.record(self._copy_stream)
                 self._events[group] = event
 
-    def _queue_check(self, chunk: Chunk, dst: torch.Tensor) -> None:
+    def _send(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if self._staging is not None:
+            self._staging.send(dst, src)
+        else:
+            dst.copy_(src, non_blocking=self._cuda)
+
+    def _queue_decode(self, entry, dst: torch.Tensor):
+        from .compressed import decode_chunk
+
+        record = self._host[entry.offset : entry.offset + entry.nbytes]
+        if self._ring is None:  # CPU: decode straight from the mapped pool
+            decode_chunk(entry, record, dst)
+            return None
+        slot_index, slot = self._ring.take(entry.nbytes, self._copy_stream)
+        self._send(slot, record)
+        self._decode_stream.wait_stream(self._copy_stream)
+        with torch.cuda.stream(self._decode_stream):
+            decode_chunk(entry, slot, dst)
+        self._ring.release(slot_index, self._decode_stream)
+        return self._decode_stream
+
+    def _queue_check(self, chunk: Chunk, dst: torch.Tensor, ready) -> None:
         want = self._expected[chunk.start // BLOCK_BYTES : chunk.end // BLOCK_BYTES]
         if self._verify_stream is None:
             self._flags.append((block_sums(dst) != want).any())
             return
-        self._verify_stream.wait_stream(self._copy_stream)  # after this chunk's copy, not the ones queued later
+        self._verify_stream.wait_stream(ready)  # after this chunk has landed, not the ones queued later
         with torch.cuda.stream(self._verify_stream):
             self._flags.append((block_sums(dst) != want).any())
 
@@ -109,9 +149,10 @@ class ArenaFill:
         naming the first bad chunk's group."""
         if self._cuda:
             current = torch.cuda.current_stream(self.device)
-            current.wait_stream(self._copy_stream)
-            if self._verify_stream is not None:
-                current.wait_stream(self._verify_stream)
+            for stream in (self._copy_stream, self._decode_stream, self._verify_stream):
+                if stream is not None:
+                    current.wait_stream(stream)
+            self._ring = None  # its slots go back to the allocator after everything that used them
         if self._flags:
             flags = torch.stack(self._flags)
             if bool(flags.any()):

@@ -22,3 +22,5 @@ def state_name(value: int) -> str:
 
 
 STATES = tuple(state_name(v) for n, v in common_pb2.State.items() if n != "STATE_UNSPECIFIED")  # "loading", "awake"...
+MODES = ("auto", "on", "off")  # settings such as cuda_graphs and fused_kernels
+POOL_FORMATS = ("auto", "raw", "compressed")  # how the shared-memory pool holds the weights (compressed.py)

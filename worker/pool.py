@@ -21,7 +21,7 @@ import mmap
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ from .layout import SEGMENT_ALIGN, ArenaLayout
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: pool formats (raw, compressed)
 BLOCK_BYTES = SEGMENT_ALIGN
 PIN_CHUNK = 1 << 30  # bytes per cudaHostRegister call; copies never straddle two (arena.COPY_CHUNK)
 PIN_THREADS = 2  # a fresh mapping pins no faster with more (H200 host: 1.9 s with 1 thread, 2.0 s with 8)
@@ -73,26 +73,43 @@ class PoolManifest:
     identity: str
     dtype: str
     layout: ArenaLayout
-    block_sums: np.ndarray  # int64, one per BLOCK_BYTES
+    block_sums: np.ndarray  # int64, one per BLOCK_BYTES of the (decoded) arena
     created_unix: float
+    format: str = "raw"  # or "compressed": the file holds `chunks` (compressed.py), not the arena's bytes
+    chunks: list = field(default_factory=list)  # compressed.ChunkEntry, in file order
     version: int = MANIFEST_VERSION
+
+    @property
+    def file_bytes(self) -> int:
+        """The data file's size."""
+        if self.format == "raw":
+            return self.layout.total_bytes
+        return max((c.offset + c.nbytes for c in self.chunks), default=0)
 
     def to_json(self) -> str:
         return json.dumps({
             "version": self.version, "name": self.name, "identity": self.identity, "dtype": self.dtype,
-            "created_unix": self.created_unix, "block_bytes": BLOCK_BYTES,
+            "created_unix": self.created_unix, "block_bytes": BLOCK_BYTES, "format": self.format,
+            "chunks": [c.to_list() for c in self.chunks],
             "block_sums": base64.b64encode(self.block_sums.astype("<i8").tobytes()).decode(),
             "layout": self.layout.to_json(),
         })
 
     @classmethod
     def from_json(cls, text: str) -> PoolManifest:
+        from .compressed import POOL_FORMATS, ChunkEntry, check_entries
+
         data = json.loads(text)
         if data.get("version") != MANIFEST_VERSION or data.get("block_bytes") != BLOCK_BYTES:
             raise ValueError(f"manifest version {data.get('version')} / block size {data.get('block_bytes')}")
+        if data.get("format") not in POOL_FORMATS[1:]:
+            raise ValueError(f"unknown pool format {data.get('format')!r}")
         sums = np.frombuffer(base64.b64decode(data["block_sums"]), dtype="<i8").astype(np.int64)
-        return cls(data["name"], data["identity"], data["dtype"], ArenaLayout.from_json(data["layout"]), sums,
-                   data["created_unix"])
+        manifest = cls(data["name"], data["identity"], data["dtype"], ArenaLayout.from_json(data["layout"]), sums,
+                       data["created_unix"], data["format"], [ChunkEntry.from_list(c) for c in data["chunks"]])
+        if manifest.format != "raw":
+            check_entries(manifest.chunks, manifest.layout, manifest.file_bytes)
+        return manifest
 
 
 def _check_private(path: Path) -> os.stat_result:
@@ -137,11 +154,11 @@ class WeightPool:
             manifest = PoolManifest.from_json(manifest_file.read_text())
         except (ValueError, KeyError, TypeError) as exc:
             raise PoolCorruptError(f"{manifest_file} is unreadable: {exc}") from exc
-        if st.st_size != manifest.layout.total_bytes:
-            raise PoolCorruptError(f"{data} is {st.st_size:,} bytes, its manifest says {manifest.layout.total_bytes:,}")
+        if st.st_size != manifest.file_bytes:
+            raise PoolCorruptError(f"{data} is {st.st_size:,} bytes, its manifest says {manifest.file_bytes:,}")
         fd = os.open(data, os.O_RDWR)
         try:
-            pool = cls(data, manifest.layout.total_bytes, fd)
+            pool = cls(data, manifest.file_bytes, fd)
         except BaseException:
             os.close(fd)
             raise
@@ -275,8 +292,9 @@ def remove_stale(shm_dir: Path, name: str) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def pool_name(prefix: str, source, dtype: torch.dtype, layout: ArenaLayout) -> str:
-    """Named after the model's identity, dtype and layout: a pool is only ever attached by an equal model."""
-    key = f"{MANIFEST_VERSION}|{source.identity}|{dtype}|{layout.signature()}"
+def pool_name(prefix: str, source, dtype: torch.dtype, layout: ArenaLayout, pool_format: str = "raw") -> str:
+    """Named after the model's identity, dtype, layout and the pool's format: a pool is only ever attached by an
+    equal model, and a pool of one format is never taken for the other."""
+    key = f"{MANIFEST_VERSION}|{source.identity}|{dtype}|{layout.signature()}|{pool_format}"
     slug = re.sub(r"[^A-Za-z0-9]+", "-", source.name.rsplit("/", 1)[-1]).strip("-").lower()[:40]
     return f"{prefix}-{slug}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"

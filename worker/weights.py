@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from . import faults
+from . import compressed, faults
 from .arena import Block, DeviceArena
 from .config import WorkerConfig
 from .errors import ClosedError, PoolCorruptError
@@ -43,7 +43,8 @@ class WeightStore:
                  layout: ArenaLayout, arena: DeviceArena, phases: Phases):
         self.config, self.device, self.source = config, device, source
         self.skeleton, self.layout, self.arena = skeleton, layout, arena
-        self.pool_name = pool_name(config.pool_prefix, source, config.torch_dtype, layout)
+        self.pool_format = compressed.resolve(config.pool_format, device, config.torch_dtype)
+        self.pool_name = pool_name(config.pool_prefix, source, config.torch_dtype, layout, self.pool_format)
         self.pool: WeightPool | None = None
         self._expected: torch.Tensor | None = None  # the manifest's block sums, on the device
         self._last_restore_verified = False
@@ -80,23 +81,52 @@ class WeightStore:
         return "rebuilt" if how == "attached" and source == "source" else how
 
     def _build_pool(self) -> WeightPool:
-        """A new, unpublished pool filled from the model source (checkpoint reads or synthetic draws)."""
+        """A new, unpublished pool filled from the model source (checkpoint reads or synthetic draws). A compressed
+        pool's raw bytes are first read into ordinary host memory; `_restore` codes them once they are on the
+        device and writes the pool then."""
+        if self.pool_format == compressed.COMPRESSED:
+            return self._write_source(torch.zeros(self.layout.total_bytes, dtype=torch.uint8), None)  # padding: zeros
         pool = WeightPool.create(self.config.shm_dir, self.pool_name, self.layout.total_bytes)
         self.phases.mark("create_pool")
+        return self._write_source(pool.tensor, pool)
+
+    def _write_source(self, host: torch.Tensor, pool: WeightPool | None):
         try:
             params = [s for s in self.layout.slots if s.kind == "param"]
-            self.source.write_weights(params, pool.tensor, self.device, self.config.load_threads)
+            self.source.write_weights(params, host, self.device, self.config.load_threads)
             by_name = {s.name: s for s in self.layout.slots}
             for name, value in self.skeleton.buffer_values().items():
-                by_name[name].view(pool.tensor).copy_(value)
+                by_name[name].view(host).copy_(value)
             self.phases.mark("read_source")
-            if self.device.type == "cuda":  # after the fill: pinning pages already written is ~3x faster
+            if pool is not None and self.device.type == "cuda":  # after the fill: pinning written pages is ~3x faster
                 pool.pin(self.device)
                 pool.wait_pinned()
                 self.phases.mark("pin")
         except BaseException:
+            if pool is not None:
+                pool.discard()
+            raise
+        return pool if pool is not None else host
+
+    def _publish_compressed(self) -> WeightPool:
+        """Code the arena chunk by chunk (on its device) and write the compressed pool from the records."""
+        entries, records = compressed.encode_arena(self.layout, self.arena.chunk_bytes)
+        self.phases.mark("encode")
+        manifest = PoolManifest(self.pool_name, self.source.identity, str(self.config.torch_dtype), self.layout,
+                                self._expected.cpu().numpy(), time.time(), compressed.COMPRESSED, entries)
+        pool = WeightPool.create(self.config.shm_dir, self.pool_name, manifest.file_bytes)
+        try:
+            for entry, record in zip(entries, records):
+                pool.tensor[entry.offset : entry.offset + entry.nbytes].copy_(record)
+            if self.device.type == "cuda":
+                pool.pin(self.device)
+                pool.wait_pinned()
+            pool.publish(manifest)
+        except BaseException:
             pool.discard()
             raise
+        log.info("compressed pool %s: %s bytes, %.3f of the arena's %s", self.pool_name, f"{manifest.file_bytes:,}",
+                 manifest.file_bytes / self.layout.total_bytes, f"{self.layout.total_bytes:,}")
         return pool
 
     def _restore(self, blocks: list[Block], overlap: bool = False) -> str:
@@ -104,8 +134,18 @@ class WeightStore:
         With `overlap`, return once the copy is queued: the next forward runs behind it, layer by layer, and the
         verification is settled after that forward (see settle). (On CPU the copy is done by then; only the
         verification waits for the forward.)"""
-        if self.pool is None:
-            self.pool = self._build_pool()
+        built = self._build_pool() if self.pool is None else None
+        if isinstance(built, torch.Tensor):  # the raw bytes of a compressed pool, not yet written
+            self.arena.fill(built, blocks, staging=self._staging_for(None)).finish()
+            del built
+            self.phases.mark("copy")
+            self._expected = self.arena.checksums()
+            self.pool = self._publish_compressed()
+            self.skeleton.bind(self.arena.views())
+            self.phases.mark("checksum_publish_bind")
+            self._last_restore_verified = self._pool_verified = True
+            return "source"
+        self.pool = self.pool or built
         pool = self.pool
         if pool.manifest is None:  # just built: checksum on the device, then publish
             self.arena.fill(pool.tensor, blocks).finish()
@@ -122,11 +162,14 @@ class WeightStore:
             if self._expected is None:  # a pool's manifest is read once, when it is opened
                 if pool.manifest.identity != self.source.identity or pool.manifest.layout != self.layout:
                     raise PoolCorruptError(f"{pool.path} was made for another model or layout")
+                if pool.manifest.format != self.pool_format:
+                    raise PoolCorruptError(f"{pool.path} is a {pool.manifest.format} pool, not {self.pool_format}")
                 self._expected = torch.from_numpy(pool.manifest.block_sums).to(self.device)
         except PoolCorruptError as exc:
             return self._rebuild(exc)
         verify = self.config.verify_on_wake or not self._pool_verified  # always the first time
-        fill = self.arena.fill(pool.tensor, blocks, self._expected if verify else None, self._staging_for(pool))
+        coded = compressed.chunk_entries(pool.manifest.chunks) if pool.manifest.format == compressed.COMPRESSED else None
+        fill = self.arena.fill(pool.tensor, blocks, self._expected if verify else None, self._staging_for(pool), coded)
         self.skeleton.bind(self.arena.views())  # host-side work while the copy runs
         self._last_restore_verified = verify
         self._fill = fill
@@ -175,9 +218,10 @@ class WeightStore:
         self._drop_pool(unlink=True)
         return self._restore([b for b in self.arena.blocks if b.weights])
 
-    def _staging_for(self, pool: WeightPool) -> StagingRing | None:
-        """Pinned staging buffers while the mirror is not pinned (yet) in this process; None once it is."""
-        if self.device.type != "cuda" or pool.pinned:
+    def _staging_for(self, pool: WeightPool | None) -> StagingRing | None:
+        """Pinned staging buffers while the mirror (None: ordinary host memory) is not pinned (yet) in this
+        process; None once it is."""
+        if self.device.type != "cuda" or (pool is not None and pool.pinned):
             if self._staging is not None:
                 self._staging.close()
                 self._staging = None
