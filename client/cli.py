@@ -58,6 +58,8 @@ def status_table(s: Status) -> Table:
     else:
         idle = f"{s.idle_seconds:.1f} s (auto-sleep off)"
     table.add_row("requests", f"{s.in_flight} in flight; idle {idle}")
+    if s.weights.get("number"):
+        table.add_row("weights", f"version {s.weights['number']} from {s.weights['source']}")
     if s.batch:
         b = s.batch
         used, tokens = b["kv_used_tokens"], b["kv_cache_tokens"]
@@ -110,6 +112,15 @@ def cmd_wake(client: Client, args, console: Console) -> int:
         console.print("already awake")
     else:
         console.print(f"awake: restored {human(r['bytes'])} in {r['seconds']:.3f} s (from {r['source']})")
+    return EXIT_OK
+
+
+def cmd_update_weights(client: Client, args, console: Console) -> int:
+    with console.status(f"loading the weights of {args.directory}..."):
+        r = client.update_weights(args.directory, abort=args.abort)
+    console.print(f"serving weights version {r['weights_version']} ({r['source']}) after {r['seconds']:.2f} s; "
+                  f"requests held {r['swap_seconds']:.3f} s" + (f"; aborted {r['aborted_requests']} request(s)"
+                                                                if r["aborted_requests"] else ""))
     return EXIT_OK
 
 
@@ -211,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     sleep.set_defaults(run=cmd_sleep)
     wake = commands.add_parser("wake", help="wake the model")
     wake.set_defaults(run=cmd_wake)
+    update = commands.add_parser("update-weights", help="serve the weights of a checkpoint directory from now on")
+    update.add_argument("directory", help="a Hugging Face directory (*.safetensors, config.json) on the daemon's machine")
+    update.add_argument("--abort", action="store_true", help="cancel requests in flight instead of waiting for them")
+    update.set_defaults(run=cmd_update_weights)
     gen = commands.add_parser("generate", help="generate text (streams to stdout)")
     gen.add_argument("prompt")
     gen.add_argument("--max-tokens", type=int, default=64)

@@ -21,7 +21,7 @@ from ksleep.supervisor.config import default_listen
 from ksleep.v1 import common_pb2, ksleep_pb2, ksleep_pb2_grpc
 
 from .errors import from_rpc_error
-from .types import Completion, Status, Token, transition_dict
+from .types import Completion, Status, Token, transition_dict, update_dict
 
 MAX_MESSAGE = 16 << 20
 
@@ -56,6 +56,11 @@ def _sleep_request(level: int | None, abort: bool) -> ksleep_pb2.SleepRequest:
     return ksleep_pb2.SleepRequest(mode=mode, **({"level": level} if level is not None else {}))
 
 
+def _update_request(directory: str, abort: bool) -> ksleep_pb2.UpdateWeightsRequest:
+    return ksleep_pb2.UpdateWeightsRequest(
+        directory=str(directory), mode=ksleep_pb2.SLEEP_MODE_ABORT if abort else ksleep_pb2.SLEEP_MODE_WAIT)
+
+
 class _Collector:
     """Accumulates a Generate stream into a Completion, timing it from the request's send."""
 
@@ -76,7 +81,7 @@ class _Collector:
         s = self.summary
         return Completion("".join(t.text for t in self.tokens), [t.id for t in self.tokens],
                           self.tokens[-1].finish_reason, self.ttft, time.perf_counter() - self.t0,
-                          s.prompt_tokens if s else 0, bool(s and s.woke))
+                          s.prompt_tokens if s else 0, bool(s and s.woke), s.weights.number if s else 0)
 
 
 class _Base:
@@ -138,6 +143,16 @@ class Client(_Base):
             raise from_rpc_error(error) from None
         return transition_dict(reply.wake)
 
+    def update_weights(self, directory: str, abort: bool = False) -> dict:
+        """Serve the weights of a checkpoint directory (on the daemon's machine) from now on; `abort` cancels the
+        requests in flight instead of letting them finish. Needs the control token when one is set."""
+        try:
+            reply = self._stub.UpdateWeights(_update_request(directory, abort), timeout=self.timeout,
+                                             metadata=self._control)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return update_dict(reply)
+
     def status(self, history: bool = False) -> Status:
         try:
             return Status.from_pb(self._stub.Status(ksleep_pb2.StatusRequest(include_history=history), timeout=self.timeout))
@@ -191,6 +206,14 @@ class AsyncClient(_Base):
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return transition_dict(reply.wake)
+
+    async def update_weights(self, directory: str, abort: bool = False) -> dict:
+        try:
+            reply = await self._stub.UpdateWeights(_update_request(directory, abort), timeout=self.timeout,
+                                                   metadata=self._control)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return update_dict(reply)
 
     async def status(self, history: bool = False) -> Status:
         try:

@@ -29,6 +29,7 @@ class Completion:
     total_seconds: float  # measured here: request sent -> last token received
     prompt_tokens: int = 0
     woke: bool = False  # the request waited for the model to wake
+    weights_version: int = 0  # the weights that produced it (0: those the daemon started on; +1 per UpdateWeights)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -77,6 +78,7 @@ class Status:
     standby_pid: int = 0  # the spare worker (ksleepd --standby); 0 when none is ready
     history: list[dict] = field(default_factory=list)
     batch: dict | None = None  # the worker's batch and KV cache (running, waiting, kv_cache_bytes...; see BatchStats)
+    weights: dict = field(default_factory=dict)  # {"number": updates so far, "source": model or checkpoint directory}
 
     @classmethod
     def from_pb(cls, pb: ksleep_pb2.StatusResponse) -> Status:
@@ -94,7 +96,15 @@ class Status:
             optional("last_ttft_seconds"), pb.sleeps_total, pb.wakes_total, pb.memory_source, pb.worker_load_source,
             pb.uptime_seconds, pb.configured_sleep_level, pb.version, pb.standby_pid, history,
             batch_dict(pb.batch) if pb.HasField("batch") else None,
+            {"number": pb.weights.number, "source": pb.weights.source},
         )
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def update_dict(pb) -> dict:
+    """An UpdateWeightsResponse as plain values."""
+    return {"weights_version": pb.weights.number, "source": pb.weights.source, "seconds": pb.seconds,
+            "stage_seconds": pb.stage_seconds, "swap_seconds": pb.swap_seconds, "pool": pb.pool,
+            "aborted_requests": pb.aborted_requests}

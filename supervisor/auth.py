@@ -1,4 +1,5 @@
-"""The control token: Sleep and WakeUp (gRPC) and /sleep, /wake_up (HTTP) are privileged when it is set.
+"""The control token: Sleep, WakeUp and UpdateWeights (gRPC) and /sleep, /wake_up, /update_weights_from_disk
+(HTTP) are privileged when it is set.
 
 Generate, Status and health stay open. Tokens are compared in constant time.
 """
@@ -8,7 +9,7 @@ import hmac
 
 import grpc
 
-PROTECTED_METHODS = frozenset({"/ksleep.v1.Ksleep/Sleep", "/ksleep.v1.Ksleep/WakeUp"})
+PROTECTED_METHODS = frozenset({"/ksleep.v1.Ksleep/Sleep", "/ksleep.v1.Ksleep/WakeUp", "/ksleep.v1.Ksleep/UpdateWeights"})
 
 
 def authorized(token: str, header: str | None) -> bool:

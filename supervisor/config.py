@@ -140,9 +140,12 @@ class DaemonConfig:
             return Path(self.listen[5:])
         return Path(self.listen) if self.listen.startswith("/") else None
 
-    def worker_settings(self, socket_path: Path, start_asleep: bool, standby: bool = False) -> forkserver_pb2.WorkerSettings:
+    def worker_settings(self, socket_path: Path, start_asleep: bool, standby: bool = False,
+                        weights=None) -> forkserver_pb2.WorkerSettings:
+        """`weights` (a WeightsVersion): what an UpdateWeights left the model on, loaded instead of --model."""
+        updated = weights is not None and weights.number > 0
         return forkserver_pb2.WorkerSettings(
-            model=self.model, device=self.device, dtype=self.dtype, keep_layers=self.keep_layers,
+            model=weights.source if updated else self.model, weights_version=weights.number if updated else 0, device=self.device, dtype=self.dtype, keep_layers=self.keep_layers,
             cache_dir=self.cache_dir, model_dir=self.model_dir, shm_dir=self.shm_dir, pool_prefix=self.pool_prefix,
             vmm=self.vmm, trust_remote_code=self.trust_remote_code, socket_path=str(socket_path),
             supervisor_pid=os.getpid(), start_asleep=start_asleep, log_level=self.log_level,

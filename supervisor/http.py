@@ -22,7 +22,7 @@ from ksleep.worker.names import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, finish_n
 
 from .auth import authorized
 from .config import DaemonConfig
-from .openai_api import ChatRequest, CompletionRequest
+from .openai_api import ChatRequest, CompletionRequest, UpdateWeightsRequest
 from .server import KsleepService
 
 log = logging.getLogger("ksleep.http")
@@ -212,6 +212,20 @@ def build_app(config: DaemonConfig, service: KsleepService) -> FastAPI:
         except Exception as exc:  # noqa: BLE001
             return failed(exc)
         return {"seconds": reply.wake.seconds, "bytes_restored": reply.wake.bytes, "source": reply.wake.source}
+
+    @app.post("/update_weights_from_disk")
+    async def update_weights(request: Request, body: UpdateWeightsRequest):
+        if (refused := control(request)) is not None:
+            return refused
+        mode = ksleep_pb2.SLEEP_MODE_ABORT if body.abort_all_requests else ksleep_pb2.SLEEP_MODE_WAIT
+        try:
+            reply = await service.UpdateWeights(ksleep_pb2.UpdateWeightsRequest(directory=body.model_path, mode=mode), None)
+        except Exception as exc:  # noqa: BLE001
+            return failed(exc)
+        return {"success": True, "message": f"serving weights version {reply.weights.number} from {reply.weights.source}",
+                "weights_version": reply.weights.number, "source": reply.weights.source, "seconds": reply.seconds,
+                "stage_seconds": reply.stage_seconds, "swap_seconds": reply.swap_seconds, "pool": reply.pool,
+                "num_paused_requests": 0, "aborted_requests": reply.aborted_requests}
 
     @app.get("/is_sleeping")
     async def is_sleeping():

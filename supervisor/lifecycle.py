@@ -32,6 +32,7 @@ from .monitor import MemoryHistory
 from .snapshot import Snapshot
 from .standby import Standby
 from .sampling import Sampling
+from .updates import Updates
 from .workers import STATUS_DEADLINE, WAKE_DEADLINE, Workers
 
 log = logging.getLogger("ksleep.lifecycle")
@@ -55,7 +56,7 @@ class WorkerAsleepError(KsleepError):
     status = "UNAVAILABLE"
 
 
-class Lifecycle(Workers, Admission, Sampling):
+class Lifecycle(Workers, Admission, Sampling, Updates):
     def __init__(self, config: DaemonConfig, metrics: Metrics | None = None):
         self.config = config
         self.metrics = metrics or Metrics()
@@ -73,6 +74,7 @@ class Lifecycle(Workers, Admission, Sampling):
         self.last_restart: common_pb2.Transition | None = None
         self.history = MemoryHistory(config.history)
         self.batch: common_pb2.BatchStats | None = None  # the worker's batch and KV cache, as last sampled
+        self.weights = common_pb2.WeightsVersion(number=0, source=config.model)  # what every new worker loads
         self.memory_backend = None
         self.started_unix = time.time()
         self._lock = asyncio.Lock()

@@ -78,3 +78,11 @@ class ChatRequest(_Sampling):
         chat = common_pb2.Prompt.Chat(messages=[common_pb2.Prompt.ChatMessage(role=m.role, content=m.content)
                                                 for m in self.messages])
         return ksleep_pb2.GenerateRequest(prompt=common_pb2.Prompt(chat=chat), params=self.sampling_pb())
+
+
+class UpdateWeightsRequest(BaseModel):
+    """POST /update_weights_from_disk, in SGLang's field names (its RL integrations call that route)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model_path: str = Field(min_length=1, max_length=4096)  # a checkpoint directory on the daemon's machine
+    abort_all_requests: bool = False  # False: requests in flight finish first (at most --drain-timeout)

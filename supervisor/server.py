@@ -96,10 +96,13 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
         ticket.call = call
         prompt_tokens = completion = 0
         ttft = None
+        weights = None
         try:
             async for response in call:
                 token = response.token
                 prompt_tokens = prompt_tokens or response.prompt_tokens
+                if weights is None:
+                    weights = response.weights  # on the first message: the request's weights throughout
                 completion += 1
                 if ttft is None:
                     ttft = ticket.first_token_seconds = token.elapsed_seconds
@@ -108,7 +111,7 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
                     total = time.time() - ticket.arrived_unix
                     message.summary.CopyFrom(ksleep_pb2.GenerateSummary(
                         prompt_tokens=prompt_tokens, completion_tokens=completion, ttft_seconds=ttft,
-                        total_seconds=total, woke=ticket.woke))
+                        total_seconds=total, woke=ticket.woke, weights=weights))
                     self.metrics.ttft_seconds.observe(ttft)
                     self.metrics.request_seconds.observe(total)
                     self.metrics.tokens.inc(completion)
@@ -138,6 +141,9 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
 
     async def WakeUp(self, request: ksleep_pb2.WakeUpRequest, context) -> ksleep_pb2.WakeUpResponse:
         return ksleep_pb2.WakeUpResponse(wake=await self.lifecycle.wake())
+
+    async def UpdateWeights(self, request: ksleep_pb2.UpdateWeightsRequest, context) -> ksleep_pb2.UpdateWeightsResponse:
+        return await self.lifecycle.update_weights(request.directory, request.mode)
 
     async def Status(self, request: ksleep_pb2.StatusRequest, context) -> ksleep_pb2.StatusResponse:
         await self.lifecycle.sample()  # figures of now, not of the last periodic sample

@@ -48,6 +48,7 @@ class Snapshot:
     pool_bytes: int
     memory_source: str
     uptime_seconds: float
+    weights: common_pb2.WeightsVersion  # what the model computes with (UpdateWeights)
 
     @property
     def serving(self) -> bool:
@@ -83,6 +84,7 @@ class Snapshot:
             out.last_ttft_seconds = self.last_ttft
         if self.batch is not None:
             out.batch.CopyFrom(self.batch)
+        out.weights.CopyFrom(self.weights)
         if self.samples:
             out.history.extend(ksleep_pb2.MemorySample(
                 at_unix=s.at_unix, state=s.state, device_used_bytes=s.device_used or 0, pool_bytes=s.pool_bytes,
@@ -106,4 +108,5 @@ def take(lc, history: bool = False) -> Snapshot:
         last_restart=lc.last_restart, last_ttft=lc.last_ttft, latest=samples[-1] if samples else None,
         samples=tuple(samples) if history else (), batch=lc.batch if lc.worker is not None else None, pool_bytes=lc.pool_bytes(),
         memory_source=lc.memory_backend.name if lc.memory_backend else "worker",
-        uptime_seconds=time.time() - lc.started_unix)
+        uptime_seconds=time.time() - lc.started_unix, weights=common_pb2.WeightsVersion(
+            number=lc.weights.number, source=lc.weights.source))

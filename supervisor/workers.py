@@ -34,7 +34,7 @@ class Workers:
                 log.warning("the forkserver is gone; starting a new one")
                 self.forkserver = Forkserver(self.config.log_level)
             await self.forkserver.start()
-        settings = self.config.worker_settings(self._next_socket(), start_asleep)
+        settings = self.config.worker_settings(self._next_socket(), start_asleep, weights=self.weights)
         worker = await WorkerHandle.launch(self.forkserver, settings)
         await self._adopt(worker)
         log.info("worker %d up: %s (%s in %.2f s)", worker.pid, self.worker_info.model, self.worker_info.load_source,
@@ -60,7 +60,7 @@ class Workers:
     async def _launch_standby(self) -> WorkerHandle:
         if not self.forkserver.alive:
             raise WorkerStartError("the forkserver is not running")
-        return await WorkerHandle.launch(self.forkserver, self.config.worker_settings(self._next_socket(), False, standby=True))
+        return await WorkerHandle.launch(self.forkserver, self.config.worker_settings(self._next_socket(), False, standby=True, weights=self.weights))
 
     def _standby_wanted(self) -> bool:
         """A spare loads the weights awake before it sleeps: start one only while the model is awake."""

@@ -61,6 +61,7 @@ class WorkerConfig:
     prefill_chunk: tokens a step feeds while sequences decode (theirs included): how long a prompt may hold the
         running decodes per step.
     seed: seed of `synthetic:` weights.
+    weights_version: updates behind `model` (ksleepd sets it when it respawns a worker on updated weights).
     load_threads: parallel readers when a checkpoint is read into the mirror.
     """
 
@@ -84,6 +85,7 @@ class WorkerConfig:
     max_batch: int = 128
     max_queue: int = 1024
     prefill_chunk: int = PREFILL_CHUNK
+    weights_version: int = 0
 
     def __post_init__(self) -> None:
         if not self.model or not self.model.strip():
@@ -127,6 +129,7 @@ class WorkerConfig:
                    pool_prefix=pb.pool_prefix or "ksleep", vmm=pb.vmm or "auto", trust_remote_code=pb.trust_remote_code,
                    cuda_graphs=pb.cuda_graphs or "auto", kv_cache=pb.kv_cache or "auto",
                    fused_kernels=pb.fused_kernels or "auto", pool_format=pb.pool_format or "auto",
+                   weights_version=pb.weights_version,
                    max_batch=pb.max_batch or 128, max_queue=pb.max_queue if pb.HasField("max_queue") else 1024,
                    prefill_chunk=pb.prefill_chunk or PREFILL_CHUNK, verify_on_wake=not pb.skip_wake_checksums)
 
@@ -137,7 +140,7 @@ class WorkerConfig:
             cache_dir=str(self.cache_dir), model_dir=str(self.model_dir), shm_dir=str(self.shm_dir),
             pool_prefix=self.pool_prefix, vmm=self.vmm, trust_remote_code=self.trust_remote_code,
             cuda_graphs=self.cuda_graphs, kv_cache=self.kv_cache, max_batch=self.max_batch,
-            fused_kernels=self.fused_kernels, pool_format=self.pool_format,
+            fused_kernels=self.fused_kernels, pool_format=self.pool_format, weights_version=self.weights_version,
             max_queue=self.max_queue, prefill_chunk=self.prefill_chunk,
             skip_wake_checksums=not self.verify_on_wake, **extra)
 

@@ -31,6 +31,8 @@ from .reports import SleepResult, WakeResult
 from .sampler import Draw
 from .scheduler import Scheduler, SchedulerStats, Step
 from .sequence import FINISH_ERROR, Outbox, RequestStream, Sequence
+from .poolfiles import remove_pool_files
+from .update import UpdateResult, WeightsVersion, checkpoint_source, stage_pool
 from .weights import WeightState, WeightStore
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class Engine:
         self.weights: WeightStore | None = None  # set by _load, on the engine thread
         self.scheduler: Scheduler | None = None
         self.runner = None  # ModelRunner, set by _load
+        self.weights_version = WeightsVersion(config.weights_version, config.model)
         self._thread = CommandThread("ksleep-engine", self._loop)
         self._thread.start()
 
@@ -281,6 +284,32 @@ class Engine:
                 shadow = min(GATHER_SECONDS, result.bytes_restored / SHADOW_BYTES_PER_SECOND)
                 self._gather = (waiting, now + shadow, now + GATHER_SECONDS)
         return result
+
+    def update_weights(self, directory: str, abort: bool = False) -> UpdateResult:
+        """Serve the weights of a checkpoint directory (safetensors) from now on; see update.py. Raises
+        ValidationError when they do not fit the model (nothing changes), BusyError while requests run or wait
+        (unless `abort`, which ends them)."""
+        started = time.perf_counter()
+        source = checkpoint_source(directory, self.config.trust_remote_code)
+        pool, how = stage_pool(self.weights, source)
+        staged = time.perf_counter()
+        try:
+            self._call(self._swap_weights, pool, source, abort)
+        except BaseException:
+            pool.close()
+            remove_pool_files(self.config.shm_dir, pool.manifest.name)
+            raise
+        done = time.perf_counter()
+        return UpdateResult(self.weights_version, done - started, staged - started, done - staged, how)
+
+    def _swap_weights(self, pool, source, abort: bool) -> None:
+        awake = self.weights.state is WeightState.AWAKE
+        if awake:
+            self._sleep(1, abort)  # BusyError (nothing changed) while requests run, unless abort
+        self.weights.swap(pool, source)
+        self.weights_version = WeightsVersion(self.weights_version.number + 1, source.name)
+        if awake:
+            self._wake(False, 0)
 
     def wait_pinned(self) -> None:
         """Block until the mirror is page-locked, so that the next wake copies at full DMA speed (no-op on CPU)."""

@@ -53,7 +53,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         try:
             first = True
             async for event in stream:
-                yield worker_pb2.WorkerGenerateResponse(token=event.to_pb(), prompt_tokens=stream.prompt_tokens if first else 0)
+                if first:
+                    # read at the first token: weights are swapped only with no request in the batch (update.py)
+                    yield worker_pb2.WorkerGenerateResponse(token=event.to_pb(), prompt_tokens=stream.prompt_tokens,
+                                                            weights=self.engine.weights_version.to_pb())
+                else:
+                    yield worker_pb2.WorkerGenerateResponse(token=event.to_pb())
                 first = False
         finally:  # finished, failed, or the supervisor cancelled the call: the request leaves the batch
             stream.close()
@@ -85,5 +90,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             device=str(engine.device), device_uuid=self._uuid, memory=memory.to_pb(), pid=os.getpid(),
             pool_name=engine.pool_name, load_source=report.pool, load_seconds=report.seconds,
             load_phases=report.phases, stable_addresses=report.stable_addresses, in_flight=engine.streams,
-            context_tokens=engine.context_tokens, batch=batch_pb(engine),
+            context_tokens=engine.context_tokens, batch=batch_pb(engine), weights=engine.weights_version.to_pb(),
         )
+
+    async def UpdateWeights(self, request: worker_pb2.WorkerUpdateWeightsRequest, context):
+        # the new pool is built in a thread while the engine goes on serving (and this loop answers pings)
+        result = await asyncio.to_thread(self.engine.update_weights, request.directory, request.abort)
+        return result.to_pb()

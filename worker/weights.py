@@ -290,6 +290,19 @@ class WeightStore:
         return WakeResult(self.phases.total, sum(b.nbytes for b in blocks if b.weights), origin,
                           self._last_restore_verified, self.phases.seconds, level, self._fill is not None)
 
+    def swap(self, pool: WeightPool, source) -> None:
+        """Serve `pool` (published, made for this layout and format: update.py) from now on, from `source`;
+        only while asleep. The old pool is closed and removed unless another worker still has it open."""
+        if self.state is WeightState.AWAKE:
+            raise RuntimeError("weights are swapped only while asleep")
+        old, old_name = self.pool, self.pool_name
+        self.pool, self.source, self.pool_name = pool, source, pool.manifest.name
+        self._expected, self._pool_verified = None, False  # the first wake from it verifies it
+        self.sleep_level = 1
+        if old is not None:
+            old.close()
+        remove_pool_files(self.config.shm_dir, old_name)
+
     def wait_pinned(self) -> None:
         """Block until the mirror is page-locked (pinned in the background after a worker's first copy), so that
         the next wake copies at full DMA speed. No-op on CPU."""

@@ -172,3 +172,11 @@ class BatchStats(_message.Message):
     kv_mapped_bytes: int
     fused: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., steps: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., attention: _Optional[str] = ..., cuda_graphs: _Optional[bool] = ..., graphs_captured: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., fused: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class WeightsVersion(_message.Message):
+    __slots__ = ("number", "source")
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    number: int
+    source: str
+    def __init__(self, number: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...

@@ -26,18 +26,20 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class GenerateSummary(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "ttft_seconds", "total_seconds", "woke")
+    __slots__ = ("prompt_tokens", "completion_tokens", "ttft_seconds", "total_seconds", "woke", "weights")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TTFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     WOKE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     ttft_seconds: float
     total_seconds: float
     woke: bool
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., woke: _Optional[bool] = ...) -> None: ...
+    weights: _common_pb2.WeightsVersion
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., woke: _Optional[bool] = ..., weights: _Optional[_Union[_common_pb2.WeightsVersion, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token", "summary")
@@ -94,7 +96,7 @@ class MemorySample(_message.Message):
     def __init__(self, at_unix: _Optional[float] = ..., state: _Optional[_Union[_common_pb2.State, str]] = ..., device_used_bytes: _Optional[int] = ..., worker_device_bytes: _Optional[int] = ..., pool_bytes: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("state", "sleep_level", "model", "device", "weight_bytes", "device_used_bytes", "device_total_bytes", "worker_device_bytes", "pool_bytes", "worker_pid", "restarts", "in_flight", "idle_seconds", "idle_timeout_seconds", "last_sleep", "last_wake", "last_ttft_seconds", "sleeps_total", "wakes_total", "memory_source", "worker_load_source", "uptime_seconds", "configured_sleep_level", "version", "history", "last_restart", "worker_load_seconds", "worker_load_phases", "standby_pid", "batch")
+    __slots__ = ("state", "sleep_level", "model", "device", "weight_bytes", "device_used_bytes", "device_total_bytes", "worker_device_bytes", "pool_bytes", "worker_pid", "restarts", "in_flight", "idle_seconds", "idle_timeout_seconds", "last_sleep", "last_wake", "last_ttft_seconds", "sleeps_total", "wakes_total", "memory_source", "worker_load_source", "uptime_seconds", "configured_sleep_level", "version", "history", "last_restart", "worker_load_seconds", "worker_load_phases", "standby_pid", "batch", "weights")
     class WorkerLoadPhasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +134,7 @@ class StatusResponse(_message.Message):
     WORKER_LOAD_PHASES_FIELD_NUMBER: _ClassVar[int]
     STANDBY_PID_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     state: _common_pb2.State
     sleep_level: int
     model: str
@@ -162,4 +165,29 @@ class StatusResponse(_message.Message):
     worker_load_phases: _containers.ScalarMap[str, float]
     standby_pid: int
     batch: _common_pb2.BatchStats
-    def __init__(self, state: _Optional[_Union[_common_pb2.State, str]] = ..., sleep_level: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., device_used_bytes: _Optional[int] = ..., device_total_bytes: _Optional[int] = ..., worker_device_bytes: _Optional[int] = ..., pool_bytes: _Optional[int] = ..., worker_pid: _Optional[int] = ..., restarts: _Optional[int] = ..., in_flight: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., idle_timeout_seconds: _Optional[float] = ..., last_sleep: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., last_wake: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., last_ttft_seconds: _Optional[float] = ..., sleeps_total: _Optional[int] = ..., wakes_total: _Optional[int] = ..., memory_source: _Optional[str] = ..., worker_load_source: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., configured_sleep_level: _Optional[int] = ..., version: _Optional[str] = ..., history: _Optional[_Iterable[_Union[MemorySample, _Mapping]]] = ..., last_restart: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., worker_load_seconds: _Optional[float] = ..., worker_load_phases: _Optional[_Mapping[str, float]] = ..., standby_pid: _Optional[int] = ..., batch: _Optional[_Union[_common_pb2.BatchStats, _Mapping]] = ...) -> None: ...
+    weights: _common_pb2.WeightsVersion
+    def __init__(self, state: _Optional[_Union[_common_pb2.State, str]] = ..., sleep_level: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., device_used_bytes: _Optional[int] = ..., device_total_bytes: _Optional[int] = ..., worker_device_bytes: _Optional[int] = ..., pool_bytes: _Optional[int] = ..., worker_pid: _Optional[int] = ..., restarts: _Optional[int] = ..., in_flight: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., idle_timeout_seconds: _Optional[float] = ..., last_sleep: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., last_wake: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., last_ttft_seconds: _Optional[float] = ..., sleeps_total: _Optional[int] = ..., wakes_total: _Optional[int] = ..., memory_source: _Optional[str] = ..., worker_load_source: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., configured_sleep_level: _Optional[int] = ..., version: _Optional[str] = ..., history: _Optional[_Iterable[_Union[MemorySample, _Mapping]]] = ..., last_restart: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., worker_load_seconds: _Optional[float] = ..., worker_load_phases: _Optional[_Mapping[str, float]] = ..., standby_pid: _Optional[int] = ..., batch: _Optional[_Union[_common_pb2.BatchStats, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.WeightsVersion, _Mapping]] = ...) -> None: ...
+
+class UpdateWeightsRequest(_message.Message):
+    __slots__ = ("directory", "mode")
+    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    directory: str
+    mode: SleepMode
+    def __init__(self, directory: _Optional[str] = ..., mode: _Optional[_Union[SleepMode, str]] = ...) -> None: ...
+
+class UpdateWeightsResponse(_message.Message):
+    __slots__ = ("weights", "seconds", "stage_seconds", "swap_seconds", "pool", "aborted_requests")
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SWAP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    ABORTED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    weights: _common_pb2.WeightsVersion
+    seconds: float
+    stage_seconds: float
+    swap_seconds: float
+    pool: str
+    aborted_requests: int
+    def __init__(self, weights: _Optional[_Union[_common_pb2.WeightsVersion, _Mapping]] = ..., seconds: _Optional[float] = ..., stage_seconds: _Optional[float] = ..., swap_seconds: _Optional[float] = ..., pool: _Optional[str] = ..., aborted_requests: _Optional[int] = ...) -> None: ...

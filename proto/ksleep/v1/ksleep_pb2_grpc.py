@@ -55,6 +55,11 @@ class KsleepStub:
                 request_serializer=ksleep_dot_v1_dot_ksleep__pb2.StatusRequest.SerializeToString,
                 response_deserializer=ksleep_dot_v1_dot_ksleep__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.UpdateWeights = channel.unary_unary(
+                '/ksleep.v1.Ksleep/UpdateWeights',
+                request_serializer=ksleep_dot_v1_dot_ksleep__pb2.UpdateWeightsRequest.SerializeToString,
+                response_deserializer=ksleep_dot_v1_dot_ksleep__pb2.UpdateWeightsResponse.FromString,
+                _registered_method=True)
 
 
 class KsleepServicer:
@@ -89,6 +94,14 @@ class KsleepServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateWeights(self, request, context):
+        """Serve new weights (a checkpoint directory, e.g. a trainer's save_pretrained) from now on; needs the control
+        token. INVALID_ARGUMENT, changing nothing, when they do not fit the model (names the tensor).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KsleepServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +124,11 @@ def add_KsleepServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=ksleep_dot_v1_dot_ksleep__pb2.StatusRequest.FromString,
                     response_serializer=ksleep_dot_v1_dot_ksleep__pb2.StatusResponse.SerializeToString,
+            ),
+            'UpdateWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateWeights,
+                    request_deserializer=ksleep_dot_v1_dot_ksleep__pb2.UpdateWeightsRequest.FromString,
+                    response_serializer=ksleep_dot_v1_dot_ksleep__pb2.UpdateWeightsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +240,33 @@ class Ksleep:
             '/ksleep.v1.Ksleep/Status',
             ksleep_dot_v1_dot_ksleep__pb2.StatusRequest.SerializeToString,
             ksleep_dot_v1_dot_ksleep__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ksleep.v1.Ksleep/UpdateWeights',
+            ksleep_dot_v1_dot_ksleep__pb2.UpdateWeightsRequest.SerializeToString,
+            ksleep_dot_v1_dot_ksleep__pb2.UpdateWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,

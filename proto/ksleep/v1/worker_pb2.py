@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ksleep.v1 import common_pb2 as ksleep_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ksleep/v1/worker.proto\x12\tksleep.v1\x1a\x16ksleep/v1/common.proto\"{\n\x15WorkerGenerateRequest\x12!\n\x06prompt\x18\x01 \x01(\x0b\x32\x11.ksleep.v1.Prompt\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.ksleep.v1.SamplingParams\x12\x14\n\x0c\x61rrived_unix\x18\x03 \x01(\x01\"P\n\x16WorkerGenerateResponse\x12\x1f\n\x05token\x18\x01 \x01(\x0b\x32\x10.ksleep.v1.Token\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\"#\n\x12WorkerSleepRequest\x12\r\n\x05level\x18\x01 \x01(\r\";\n\x13WorkerSleepResponse\x12$\n\x05sleep\x18\x01 \x01(\x0b\x32\x15.ksleep.v1.Transition\">\n\x11WorkerWakeRequest\x12\x0f\n\x07overlap\x18\x01 \x01(\x08\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\"9\n\x12WorkerWakeResponse\x12#\n\x04wake\x18\x01 \x01(\x0b\x32\x15.ksleep.v1.Transition\"\x15\n\x13WorkerStatusRequest\"\xd2\x03\n\x14WorkerStatusResponse\x12\x1f\n\x05state\x18\x01 \x01(\x0e\x32\x10.ksleep.v1.State\x12\x13\n\x0bsleep_level\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65vice_uuid\x18\x05 \x01(\t\x12!\n\x06memory\x18\x06 \x01(\x0b\x32\x11.ksleep.v1.Memory\x12\x0b\n\x03pid\x18\x07 \x01(\r\x12\x11\n\tpool_name\x18\x08 \x01(\t\x12\x13\n\x0bload_source\x18\t \x01(\t\x12\x14\n\x0cload_seconds\x18\n \x01(\x01\x12\x44\n\x0bload_phases\x18\x0b \x03(\x0b\x32/.ksleep.v1.WorkerStatusResponse.LoadPhasesEntry\x12\x18\n\x10stable_addresses\x18\x0c \x01(\x08\x12\x11\n\tin_flight\x18\r \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x0e \x01(\r\x12$\n\x05\x62\x61tch\x18\x0f \x01(\x0b\x32\x15.ksleep.v1.BatchStats\x1a\x31\n\x0fLoadPhasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xb3\x02\n\x06Worker\x12Q\n\x08Generate\x12 .ksleep.v1.WorkerGenerateRequest\x1a!.ksleep.v1.WorkerGenerateResponse0\x01\x12\x46\n\x05Sleep\x12\x1d.ksleep.v1.WorkerSleepRequest\x1a\x1e.ksleep.v1.WorkerSleepResponse\x12\x43\n\x04Wake\x12\x1c.ksleep.v1.WorkerWakeRequest\x1a\x1d.ksleep.v1.WorkerWakeResponse\x12I\n\x06Status\x12\x1e.ksleep.v1.WorkerStatusRequest\x1a\x1f.ksleep.v1.WorkerStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ksleep/v1/worker.proto\x12\tksleep.v1\x1a\x16ksleep/v1/common.proto\"{\n\x15WorkerGenerateRequest\x12!\n\x06prompt\x18\x01 \x01(\x0b\x32\x11.ksleep.v1.Prompt\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.ksleep.v1.SamplingParams\x12\x14\n\x0c\x61rrived_unix\x18\x03 \x01(\x01\"|\n\x16WorkerGenerateResponse\x12\x1f\n\x05token\x18\x01 \x01(\x0b\x32\x10.ksleep.v1.Token\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12*\n\x07weights\x18\x03 \x01(\x0b\x32\x19.ksleep.v1.WeightsVersion\"#\n\x12WorkerSleepRequest\x12\r\n\x05level\x18\x01 \x01(\r\";\n\x13WorkerSleepResponse\x12$\n\x05sleep\x18\x01 \x01(\x0b\x32\x15.ksleep.v1.Transition\">\n\x11WorkerWakeRequest\x12\x0f\n\x07overlap\x18\x01 \x01(\x08\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\"9\n\x12WorkerWakeResponse\x12#\n\x04wake\x18\x01 \x01(\x0b\x32\x15.ksleep.v1.Transition\"\x15\n\x13WorkerStatusRequest\"\xfe\x03\n\x14WorkerStatusResponse\x12\x1f\n\x05state\x18\x01 \x01(\x0e\x32\x10.ksleep.v1.State\x12\x13\n\x0bsleep_level\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65vice_uuid\x18\x05 \x01(\t\x12!\n\x06memory\x18\x06 \x01(\x0b\x32\x11.ksleep.v1.Memory\x12\x0b\n\x03pid\x18\x07 \x01(\r\x12\x11\n\tpool_name\x18\x08 \x01(\t\x12\x13\n\x0bload_source\x18\t \x01(\t\x12\x14\n\x0cload_seconds\x18\n \x01(\x01\x12\x44\n\x0bload_phases\x18\x0b \x03(\x0b\x32/.ksleep.v1.WorkerStatusResponse.LoadPhasesEntry\x12\x18\n\x10stable_addresses\x18\x0c \x01(\x08\x12\x11\n\tin_flight\x18\r \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x0e \x01(\r\x12$\n\x05\x62\x61tch\x18\x0f \x01(\x0b\x32\x15.ksleep.v1.BatchStats\x12*\n\x07weights\x18\x10 \x01(\x0b\x32\x19.ksleep.v1.WeightsVersion\x1a\x31\n\x0fLoadPhasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\">\n\x1aWorkerUpdateWeightsRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\x12\r\n\x05\x61\x62ort\x18\x02 \x01(\x08\"\x95\x01\n\x1bWorkerUpdateWeightsResponse\x12*\n\x07weights\x18\x01 \x01(\x0b\x32\x19.ksleep.v1.WeightsVersion\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x15\n\rstage_seconds\x18\x03 \x01(\x01\x12\x14\n\x0cswap_seconds\x18\x04 \x01(\x01\x12\x0c\n\x04pool\x18\x05 \x01(\t2\x93\x03\n\x06Worker\x12Q\n\x08Generate\x12 .ksleep.v1.WorkerGenerateRequest\x1a!.ksleep.v1.WorkerGenerateResponse0\x01\x12\x46\n\x05Sleep\x12\x1d.ksleep.v1.WorkerSleepRequest\x1a\x1e.ksleep.v1.WorkerSleepResponse\x12\x43\n\x04Wake\x12\x1c.ksleep.v1.WorkerWakeRequest\x1a\x1d.ksleep.v1.WorkerWakeResponse\x12I\n\x06Status\x12\x1e.ksleep.v1.WorkerStatusRequest\x1a\x1f.ksleep.v1.WorkerStatusResponse\x12^\n\rUpdateWeights\x12%.ksleep.v1.WorkerUpdateWeightsRequest\x1a&.ksleep.v1.WorkerUpdateWeightsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,21 +37,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERGENERATEREQUEST']._serialized_start=61
   _globals['_WORKERGENERATEREQUEST']._serialized_end=184
   _globals['_WORKERGENERATERESPONSE']._serialized_start=186
-  _globals['_WORKERGENERATERESPONSE']._serialized_end=266
-  _globals['_WORKERSLEEPREQUEST']._serialized_start=268
-  _globals['_WORKERSLEEPREQUEST']._serialized_end=303
-  _globals['_WORKERSLEEPRESPONSE']._serialized_start=305
-  _globals['_WORKERSLEEPRESPONSE']._serialized_end=364
-  _globals['_WORKERWAKEREQUEST']._serialized_start=366
-  _globals['_WORKERWAKEREQUEST']._serialized_end=428
-  _globals['_WORKERWAKERESPONSE']._serialized_start=430
-  _globals['_WORKERWAKERESPONSE']._serialized_end=487
-  _globals['_WORKERSTATUSREQUEST']._serialized_start=489
-  _globals['_WORKERSTATUSREQUEST']._serialized_end=510
-  _globals['_WORKERSTATUSRESPONSE']._serialized_start=513
-  _globals['_WORKERSTATUSRESPONSE']._serialized_end=979
-  _globals['_WORKERSTATUSRESPONSE_LOADPHASESENTRY']._serialized_start=930
-  _globals['_WORKERSTATUSRESPONSE_LOADPHASESENTRY']._serialized_end=979
-  _globals['_WORKER']._serialized_start=982
-  _globals['_WORKER']._serialized_end=1289
+  _globals['_WORKERGENERATERESPONSE']._serialized_end=310
+  _globals['_WORKERSLEEPREQUEST']._serialized_start=312
+  _globals['_WORKERSLEEPREQUEST']._serialized_end=347
+  _globals['_WORKERSLEEPRESPONSE']._serialized_start=349
+  _globals['_WORKERSLEEPRESPONSE']._serialized_end=408
+  _globals['_WORKERWAKEREQUEST']._serialized_start=410
+  _globals['_WORKERWAKEREQUEST']._serialized_end=472
+  _globals['_WORKERWAKERESPONSE']._serialized_start=474
+  _globals['_WORKERWAKERESPONSE']._serialized_end=531
+  _globals['_WORKERSTATUSREQUEST']._serialized_start=533
+  _globals['_WORKERSTATUSREQUEST']._serialized_end=554
+  _globals['_WORKERSTATUSRESPONSE']._serialized_start=557
+  _globals['_WORKERSTATUSRESPONSE']._serialized_end=1067
+  _globals['_WORKERSTATUSRESPONSE_LOADPHASESENTRY']._serialized_start=1018
+  _globals['_WORKERSTATUSRESPONSE_LOADPHASESENTRY']._serialized_end=1067
+  _globals['_WORKERUPDATEWEIGHTSREQUEST']._serialized_start=1069
+  _globals['_WORKERUPDATEWEIGHTSREQUEST']._serialized_end=1131
+  _globals['_WORKERUPDATEWEIGHTSRESPONSE']._serialized_start=1134
+  _globals['_WORKERUPDATEWEIGHTSRESPONSE']._serialized_end=1283
+  _globals['_WORKER']._serialized_start=1286
+  _globals['_WORKER']._serialized_end=1689
 # @@protoc_insertion_point(module_scope)

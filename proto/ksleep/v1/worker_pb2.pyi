@@ -18,12 +18,14 @@ class WorkerGenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., arrived_unix: _Optional[float] = ...) -> None: ...
 
 class WorkerGenerateResponse(_message.Message):
-    __slots__ = ("token", "prompt_tokens")
+    __slots__ = ("token", "prompt_tokens", "weights")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     token: _common_pb2.Token
     prompt_tokens: int
-    def __init__(self, token: _Optional[_Union[_common_pb2.Token, _Mapping]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+    weights: _common_pb2.WeightsVersion
+    def __init__(self, token: _Optional[_Union[_common_pb2.Token, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., weights: _Optional[_Union[_common_pb2.WeightsVersion, _Mapping]] = ...) -> None: ...
 
 class WorkerSleepRequest(_message.Message):
     __slots__ = ("level",)
@@ -56,7 +58,7 @@ class WorkerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatusResponse(_message.Message):
-    __slots__ = ("state", "sleep_level", "model", "device", "device_uuid", "memory", "pid", "pool_name", "load_source", "load_seconds", "load_phases", "stable_addresses", "in_flight", "context_tokens", "batch")
+    __slots__ = ("state", "sleep_level", "model", "device", "device_uuid", "memory", "pid", "pool_name", "load_source", "load_seconds", "load_phases", "stable_addresses", "in_flight", "context_tokens", "batch", "weights")
     class LoadPhasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +81,7 @@ class WorkerStatusResponse(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     state: _common_pb2.State
     sleep_level: int
     model: str
@@ -94,4 +97,27 @@ class WorkerStatusResponse(_message.Message):
     in_flight: int
     context_tokens: int
     batch: _common_pb2.BatchStats
-    def __init__(self, state: _Optional[_Union[_common_pb2.State, str]] = ..., sleep_level: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., device_uuid: _Optional[str] = ..., memory: _Optional[_Union[_common_pb2.Memory, _Mapping]] = ..., pid: _Optional[int] = ..., pool_name: _Optional[str] = ..., load_source: _Optional[str] = ..., load_seconds: _Optional[float] = ..., load_phases: _Optional[_Mapping[str, float]] = ..., stable_addresses: _Optional[bool] = ..., in_flight: _Optional[int] = ..., context_tokens: _Optional[int] = ..., batch: _Optional[_Union[_common_pb2.BatchStats, _Mapping]] = ...) -> None: ...
+    weights: _common_pb2.WeightsVersion
+    def __init__(self, state: _Optional[_Union[_common_pb2.State, str]] = ..., sleep_level: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., device_uuid: _Optional[str] = ..., memory: _Optional[_Union[_common_pb2.Memory, _Mapping]] = ..., pid: _Optional[int] = ..., pool_name: _Optional[str] = ..., load_source: _Optional[str] = ..., load_seconds: _Optional[float] = ..., load_phases: _Optional[_Mapping[str, float]] = ..., stable_addresses: _Optional[bool] = ..., in_flight: _Optional[int] = ..., context_tokens: _Optional[int] = ..., batch: _Optional[_Union[_common_pb2.BatchStats, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.WeightsVersion, _Mapping]] = ...) -> None: ...
+
+class WorkerUpdateWeightsRequest(_message.Message):
+    __slots__ = ("directory", "abort")
+    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    directory: str
+    abort: bool
+    def __init__(self, directory: _Optional[str] = ..., abort: _Optional[bool] = ...) -> None: ...
+
+class WorkerUpdateWeightsResponse(_message.Message):
+    __slots__ = ("weights", "seconds", "stage_seconds", "swap_seconds", "pool")
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SWAP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    weights: _common_pb2.WeightsVersion
+    seconds: float
+    stage_seconds: float
+    swap_seconds: float
+    pool: str
+    def __init__(self, weights: _Optional[_Union[_common_pb2.WeightsVersion, _Mapping]] = ..., seconds: _Optional[float] = ..., stage_seconds: _Optional[float] = ..., swap_seconds: _Optional[float] = ..., pool: _Optional[str] = ...) -> None: ...

@@ -55,6 +55,11 @@ class WorkerStub:
                 request_serializer=ksleep_dot_v1_dot_worker__pb2.WorkerStatusRequest.SerializeToString,
                 response_deserializer=ksleep_dot_v1_dot_worker__pb2.WorkerStatusResponse.FromString,
                 _registered_method=True)
+        self.UpdateWeights = channel.unary_unary(
+                '/ksleep.v1.Worker/UpdateWeights',
+                request_serializer=ksleep_dot_v1_dot_worker__pb2.WorkerUpdateWeightsRequest.SerializeToString,
+                response_deserializer=ksleep_dot_v1_dot_worker__pb2.WorkerUpdateWeightsResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -89,6 +94,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateWeights(self, request, context):
+        """New weights from a checkpoint directory: a pool built beside the one in use, swapped in between steps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +123,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=ksleep_dot_v1_dot_worker__pb2.WorkerStatusRequest.FromString,
                     response_serializer=ksleep_dot_v1_dot_worker__pb2.WorkerStatusResponse.SerializeToString,
+            ),
+            'UpdateWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateWeights,
+                    request_deserializer=ksleep_dot_v1_dot_worker__pb2.WorkerUpdateWeightsRequest.FromString,
+                    response_serializer=ksleep_dot_v1_dot_worker__pb2.WorkerUpdateWeightsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +239,33 @@ class Worker:
             '/ksleep.v1.Worker/Status',
             ksleep_dot_v1_dot_worker__pb2.WorkerStatusRequest.SerializeToString,
             ksleep_dot_v1_dot_worker__pb2.WorkerStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ksleep.v1.Worker/UpdateWeights',
+            ksleep_dot_v1_dot_worker__pb2.WorkerUpdateWeightsRequest.SerializeToString,
+            ksleep_dot_v1_dot_worker__pb2.WorkerUpdateWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,
