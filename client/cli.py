@@ -58,6 +58,10 @@ def status_table(s: Status) -> Table:
     else:
         idle = f"{s.idle_seconds:.1f} s (auto-sleep off)"
     table.add_row("requests", f"{s.in_flight} in flight; idle {idle}")
+    if len(s.models) > 1:
+        table.add_row("models", "; ".join(
+            f"{m.model}: [{STATE_STYLE.get(m.state, '')}]{m.state}[/]" + (f" (level {m.sleep_level})" if m.sleep_level else "")
+            + f", {m.wakes_total} wakes" for m in s.models) + f"; {s.model_switches} switch(es)")
     if s.weights.get("number"):
         table.add_row("weights", f"version {s.weights['number']} from {s.weights['source']}")
     if s.batch:
@@ -126,7 +130,7 @@ def cmd_update_weights(client: Client, args, console: Console) -> int:
 
 def cmd_generate(client: Client, args, console: Console) -> int:
     params = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                  seed=args.seed, stop=args.stop or None)
+                  seed=args.seed, stop=args.stop or None, model=args.model or "")
     if args.json or args.no_stream:
         done = client.complete(args.prompt, **params)
         if args.json:
@@ -228,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     update.set_defaults(run=cmd_update_weights)
     gen = commands.add_parser("generate", help="generate text (streams to stdout)")
     gen.add_argument("prompt")
+    gen.add_argument("--model", help="one of the daemon's models (default: its first)")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float)
     gen.add_argument("--top-p", type=float)

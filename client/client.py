@@ -36,8 +36,9 @@ def resolve_address(address: str | None = None) -> str:
 def build_request(prompt: str | Sequence[int] | Sequence[dict], *, max_tokens: int | None = None,
                   temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                   seed: int | None = None, stop: str | Sequence[str] | None = None,
-                  ignore_eos: bool | None = None) -> ksleep_pb2.GenerateRequest:
-    """A GenerateRequest from text, token ids or chat messages ([{"role": ..., "content": ...}])."""
+                  ignore_eos: bool | None = None, model: str = "") -> ksleep_pb2.GenerateRequest:
+    """A GenerateRequest from text, token ids or chat messages ([{"role": ..., "content": ...}]); `model` picks
+    one of a daemon's models (default: its first)."""
     if isinstance(prompt, str):
         wire = common_pb2.Prompt(text=prompt)
     elif prompt and all(isinstance(m, dict) for m in prompt):
@@ -48,7 +49,7 @@ def build_request(prompt: str | Sequence[int] | Sequence[dict], *, max_tokens: i
     params = {k: v for k, v in dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                     seed=seed, ignore_eos=ignore_eos).items() if v is not None}
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    return ksleep_pb2.GenerateRequest(prompt=wire, params=common_pb2.SamplingParams(stop=stops, **params))
+    return ksleep_pb2.GenerateRequest(prompt=wire, params=common_pb2.SamplingParams(stop=stops, **params), model=model)
 
 
 def _sleep_request(level: int | None, abort: bool) -> ksleep_pb2.SleepRequest:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 from .config import DaemonConfig
-from .lifecycle import Lifecycle
+from .registry import ModelRegistry
 from .server import KsleepService, build_server
 
 
@@ -34,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
                                             "TOML file given by --config (flags win, then the environment, then the file).")
     start.add_argument("--config", metavar="FILE", help="TOML file of settings (also KSLEEP_CONFIG)")
     for f in dataclasses.fields(DaemonConfig):
+        if not f.metadata.get("flag", True):
+            continue
+        if f.name == "model":  # repeatable: several models in one daemon
+            start.add_argument("--model", action="append", default=None, metavar="MODEL",
+                               help=f"{f.metadata['help']}; repeat for several models, the first the default "
+                                    f"(default {f.default!r}; env KSLEEP_MODEL)")
+            continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         helptext = f"{f.metadata['help']} (default {default!r}; env KSLEEP_{f.name.upper()})"
         flag = "--" + f.name.replace("_", "-")
@@ -64,34 +71,34 @@ def claim_socket(path: Path) -> None:
 async def serve(config: DaemonConfig) -> int:
     if config.unix_socket:
         claim_socket(config.unix_socket)
-    lifecycle = Lifecycle(config)
+    models = ModelRegistry.from_config(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    starting = asyncio.create_task(lifecycle.start())
+    starting = asyncio.create_task(models.start())
     await asyncio.wait([starting, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     if not starting.done() or starting.exception() is not None:
         error = starting.exception() if starting.done() else None
         starting.cancel()
         if error is not None:
             log.error("cannot start: %s", error)
-        await lifecycle.stop()
+        await models.stop()
         return 1 if error is not None else 0
-    service = KsleepService(lifecycle, lifecycle.metrics)
+    service = KsleepService(models, models.metrics)
     server, health = await build_server(config, service)
     http = await start_http(config, service) if config.http else None
     await server.start()
     await health.refresh()
-    log.info("ksleepd serving %s on %s (idle timeout %s s, sleep level %d)", config.model, config.listen,
-             config.idle_timeout, config.sleep_level)
+    log.info("ksleepd serving %s on %s (idle timeout %s s, sleep level %d)", ", ".join(models.lifecycles),
+             config.listen, config.idle_timeout, config.sleep_level)
     await stop.wait()
     log.info("shutting down")
     await health.enter_graceful_shutdown()
     if http is not None:
         await http.stop()
     await server.stop(config.grace)
-    await lifecycle.stop()
+    await models.stop()
     if config.unix_socket:
         config.unix_socket.unlink(missing_ok=True)
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -18,6 +18,10 @@ from ksleep.worker.limits import INT_RANGES, PREFILL_CHUNK, check_int, parse_kv_
 
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# what a [[models]] table may set for its model; the rest (addresses, limits, the control token) is the daemon's
+PER_MODEL = frozenset({"keep_layers", "sleep_level", "idle_timeout", "cuda_graphs", "fused_kernels", "kv_cache",
+                       "max_batch", "max_queue", "prefill_chunk", "pool_format", "dtype", "standby",
+                       "trust_remote_code", "verify_wakes", "vmm"})
 
 
 def runtime_dir() -> Path:
@@ -68,8 +72,13 @@ class DaemonConfig:
     history: int = field(default=3600, metadata={"help": "memory samples kept for Status(include_history)"})
     http: str = field(default="", metadata={"help": "serve the OpenAI-compatible HTTP face on [HOST:]PORT (127.0.0.1 unless a host is given); off when empty"})
     control_token: str = field(default="", metadata={"help": "require 'authorization: Bearer TOKEN' for Sleep/WakeUp (gRPC) and /sleep, /wake_up (HTTP)"})
+    max_awake: int = field(default=0, metadata={"help": "with several models (--model A --model B): at most this many awake at once; waking another first puts the least recently used to sleep (0: as many as device memory holds)"})
+    # Several models: each entry {"model": name, and any of PER_MODEL}; `model` is the first. From repeated --model
+    # flags or the TOML file's [[models]] tables (not a flag of its own).
+    models: tuple = field(default=(), metadata={"help": "", "flag": False})
 
     def __post_init__(self) -> None:
+        self._check_models()
         device = self.device
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             raise ValueError(f"device {device!r} is not one of {DEVICES_HELP}")
@@ -107,6 +116,28 @@ class DaemonConfig:
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"listen {self.listen!r} is neither unix:/path nor HOST:PORT")
 
+    def _check_models(self) -> None:
+        if isinstance(self.max_awake, bool) or not isinstance(self.max_awake, int) or self.max_awake < 0:
+            raise ValueError(f"max_awake must be an integer >= 0, got {self.max_awake!r}")
+        self.models = tuple(dict(m) for m in self.models)
+        names = [m.get("model") for m in self.models]
+        if any(not isinstance(n, str) or not n for n in names):
+            raise ValueError("every [[models]] table needs a model name (model = \"...\")")
+        if len(set(names)) != len(names):
+            raise ValueError(f"a model is named twice: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
+        for spec in self.models:
+            other = set(spec) - PER_MODEL - {"model"}
+            if other:
+                raise ValueError(f"{', '.join(sorted(other))} cannot be set per model (per model: {', '.join(sorted(PER_MODEL))})")
+        if self.models:
+            self.model = names[0]
+
+    def model_configs(self) -> list[DaemonConfig]:
+        """One configuration per model served, the first one the default (just this one without [[models]])."""
+        if not self.models:
+            return [self]
+        return [replace(self, models=(), **spec) for spec in self.models]
+
     @classmethod
     def load(cls, flags: dict, environ: dict | None = None, toml_path: str | None = None) -> DaemonConfig:
         """Merge flags (None = not given), KSLEEP_* variables and the TOML file."""
@@ -121,10 +152,17 @@ class DaemonConfig:
         for name, f in known.items():
             if flags.get(name) is not None:
                 values[name] = flags[name]
-            elif f"KSLEEP_{name.upper()}" in environ:
+            elif f"KSLEEP_{name.upper()}" in environ and f.metadata.get("flag", True):
                 values[name] = _parse(f, environ[f"KSLEEP_{name.upper()}"], f"KSLEEP_{name.upper()}")
             elif name in table:
                 values[name] = table[name]
+        if isinstance(flags.get("model"), list):  # --model A --model B: several models, the first the default
+            given = flags["model"]
+            values["model"] = given[0]
+            if len(given) > 1:
+                values["models"] = tuple({"model": m} for m in given)
+        elif "models" in values and not isinstance(values["models"], (list, tuple)):
+            raise ValueError("models must be an array of tables ([[models]])")
         return cls(**values)
 
     @property

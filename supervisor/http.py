@@ -105,8 +105,7 @@ class HttpFace:
 
 def build_app(config: DaemonConfig, service: KsleepService) -> FastAPI:
     app = FastAPI(title="ksleepd", version="1", description="OpenAI-compatible face of ksleepd")
-    lifecycle, metrics = service.lifecycle, service.metrics
-    model_name = config.model
+    models, metrics = service.models, service.metrics
 
     def failed(exc: Exception) -> JSONResponse:
         code, message = status_for(exc)
@@ -138,17 +137,19 @@ def build_app(config: DaemonConfig, service: KsleepService) -> FastAPI:
         first = await stream.__anext__()
         return first, stream
 
-    def check_model(body) -> JSONResponse | None:
-        if body.model not in (None, model_name):
-            return error_response(404, f"The model `{body.model}` does not exist; this server serves `{model_name}`",
-                                  code="model_not_found")
+    def unknown_model(name: str | None) -> JSONResponse | None:
+        if name and name not in models.lifecycles:
+            return error_response(404, f"The model `{name}` does not exist; this server serves "
+                                       f"{', '.join(f'`{m}`' for m in models.lifecycles)}", code="model_not_found")
         return None
 
     async def run(body, chat: bool):
-        if (wrong := check_model(body)) is not None:
+        if (wrong := unknown_model(body.model)) is not None:
             return wrong
+        model_name = body.model or models.default.config.model
         try:
             request_pb = body.request_pb()
+            request_pb.model = model_name
             first, rest = await first_and_rest(request_pb)
         except Exception as exc:  # noqa: BLE001 - reported as an HTTP error
             return failed(exc)
@@ -179,9 +180,10 @@ def build_app(config: DaemonConfig, service: KsleepService) -> FastAPI:
         return await run(body, chat=True)
 
     @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(lifecycle.started_unix),
-                                            "owned_by": "ksleep"}]}
+    async def list_models():
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": int(lc.started_unix), "owned_by": "ksleep",
+             "state": state_name(lc.state), "sleep_level": lc.sleep_level} for name, lc in models.lifecycles.items()]}
 
     def control(request: Request) -> JSONResponse | None:
         if not authorized(config.control_token, request.headers.get("authorization")):
@@ -191,12 +193,13 @@ def build_app(config: DaemonConfig, service: KsleepService) -> FastAPI:
         return None
 
     @app.post("/sleep")
-    async def sleep(request: Request, level: int = Query(default=None, ge=1, le=3), mode: str = Query(default="wait", pattern="^(wait|abort)$")):
-        if (refused := control(request)) is not None:
+    async def sleep(request: Request, level: int = Query(default=None, ge=1, le=3), mode: str = Query(default="wait", pattern="^(wait|abort)$"),
+                    model: str = Query(default="", max_length=4096)):
+        if (refused := control(request) or unknown_model(model)) is not None:
             return refused
         try:
             reply = await service.Sleep(ksleep_pb2.SleepRequest(
-                mode=ksleep_pb2.SLEEP_MODE_ABORT if mode == "abort" else ksleep_pb2.SLEEP_MODE_WAIT,
+                mode=ksleep_pb2.SLEEP_MODE_ABORT if mode == "abort" else ksleep_pb2.SLEEP_MODE_WAIT, model=model,
                 **({"level": level} if level is not None else {})), None)
         except Exception as exc:  # noqa: BLE001
             return failed(exc)
@@ -204,22 +207,23 @@ def build_app(config: DaemonConfig, service: KsleepService) -> FastAPI:
                 "aborted_requests": reply.aborted_requests}
 
     @app.post("/wake_up")
-    async def wake_up(request: Request):
-        if (refused := control(request)) is not None:
+    async def wake_up(request: Request, model: str = Query(default="", max_length=4096)):
+        if (refused := control(request) or unknown_model(model)) is not None:
             return refused
         try:
-            reply = await service.WakeUp(ksleep_pb2.WakeUpRequest(), None)
+            reply = await service.WakeUp(ksleep_pb2.WakeUpRequest(model=model), None)
         except Exception as exc:  # noqa: BLE001
             return failed(exc)
         return {"seconds": reply.wake.seconds, "bytes_restored": reply.wake.bytes, "source": reply.wake.source}
 
     @app.post("/update_weights_from_disk")
     async def update_weights(request: Request, body: UpdateWeightsRequest):
-        if (refused := control(request)) is not None:
+        if (refused := control(request) or unknown_model(body.model)) is not None:
             return refused
         mode = ksleep_pb2.SLEEP_MODE_ABORT if body.abort_all_requests else ksleep_pb2.SLEEP_MODE_WAIT
         try:
-            reply = await service.UpdateWeights(ksleep_pb2.UpdateWeightsRequest(directory=body.model_path, mode=mode), None)
+            reply = await service.UpdateWeights(ksleep_pb2.UpdateWeightsRequest(directory=body.model_path, mode=mode,
+                                                                          model=body.model or ""), None)
         except Exception as exc:  # noqa: BLE001
             return failed(exc)
         return {"success": True, "message": f"serving weights version {reply.weights.number} from {reply.weights.source}",
@@ -228,12 +232,14 @@ def build_app(config: DaemonConfig, service: KsleepService) -> FastAPI:
                 "num_paused_requests": 0, "aborted_requests": reply.aborted_requests}
 
     @app.get("/is_sleeping")
-    async def is_sleeping():
-        return {"is_sleeping": lifecycle.snapshot().asleep}
+    async def is_sleeping(model: str = Query(default="", max_length=4096)):
+        if (wrong := unknown_model(model)) is not None:
+            return wrong
+        return {"is_sleeping": models.get(model).snapshot().asleep}
 
     @app.get("/health")
     async def health():
-        now = lifecycle.snapshot()
+        now = models.default.snapshot()
         return JSONResponse({"status": "ok" if now.serving else "unavailable", "state": state_name(now.state)},
                             status_code=200 if now.serving else 503)
 

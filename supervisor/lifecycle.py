@@ -57,8 +57,10 @@ class WorkerAsleepError(KsleepError):
 
 
 class Lifecycle(Workers, Admission, Sampling, Updates):
-    def __init__(self, config: DaemonConfig, metrics: Metrics | None = None):
+    def __init__(self, config: DaemonConfig, metrics: Metrics | None = None, tag: int = 0):
         self.config = config
+        self.tag = tag  # this model's number in the daemon (its workers' socket names)
+        self.switch = None  # set by the registry: wakes this model once the device has room for it
         self.metrics = metrics or Metrics()
         self.metrics.watch(self)
         self.forkserver = Forkserver(config.log_level)
@@ -168,7 +170,8 @@ class Lifecycle(Workers, Admission, Sampling, Updates):
                 raise WorkerGoneError("ksleepd is shutting down")
             waited = True
             if self._bring_up is None or self._bring_up.done():
-                self._bring_up = asyncio.create_task(self._wake(overlap))
+                wake = self._wake(overlap) if self.switch is None else self.switch(self, overlap)
+                self._bring_up = asyncio.create_task(wake)
             task = self._bring_up
             try:
                 await asyncio.shield(task)  # one waiter giving up does not cancel the wake for the others

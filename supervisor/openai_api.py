@@ -86,3 +86,4 @@ class UpdateWeightsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_path: str = Field(min_length=1, max_length=4096)  # a checkpoint directory on the daemon's machine
     abort_all_requests: bool = False  # False: requests in flight finish first (at most --drain-timeout)
+    model: str | None = Field(default=None, max_length=4096)  # which served model (default: the first)

@@ -21,6 +21,7 @@ from .auth import ControlTokenInterceptor
 from .config import DaemonConfig
 from .lifecycle import Lifecycle, SleepAbortedError, WorkerAsleepError, WorkerGoneError
 from .metrics import Metrics
+from .registry import ModelRegistry
 
 log = logging.getLogger("ksleep.server")
 SERVICE = ksleep_pb2.DESCRIPTOR.services_by_name["Ksleep"].full_name
@@ -37,17 +38,23 @@ class StalledClientError(KsleepError):
 class KsleepService(ksleep_pb2_grpc.KsleepServicer):
     """The public API; the HTTP face calls the same methods (with context=None)."""
 
-    def __init__(self, lifecycle: Lifecycle, metrics: Metrics):
-        self.lifecycle = lifecycle
+    def __init__(self, models: ModelRegistry | Lifecycle, metrics: Metrics):
+        self.models = models if isinstance(models, ModelRegistry) else ModelRegistry([models])
         self.metrics = metrics
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        """The default (first) model's."""
+        return self.models.default
 
     async def Generate(self, request: ksleep_pb2.GenerateRequest, context):
         arrived = time.time()
-        self.check(request)  # before admission: a request refused here never wakes, spawns or queues anything
+        lifecycle = self.models.get(request.model)
+        self.check(request, lifecycle)  # before admission: a request refused here never wakes, spawns or queues anything
         # The worker's tokens go through a bounded buffer: a client that stops reading fills it, and the request
         # is then cancelled and its ticket returned (it holds up no sleep), instead of stalling on the write.
         backlog: asyncio.Queue = asyncio.Queue()  # bounded by _pump (the end marker must always fit)
-        pump = asyncio.create_task(self._pump(request, arrived, backlog))
+        pump = asyncio.create_task(self._pump(request, arrived, backlog, lifecycle))
         try:
             while True:
                 message = await backlog.get()
@@ -58,14 +65,15 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
         finally:
             pump.cancel()
 
-    async def _pump(self, request: ksleep_pb2.GenerateRequest, arrived: float, backlog: asyncio.Queue) -> None:
-        limit = self.lifecycle.config.stream_backlog
+    async def _pump(self, request: ksleep_pb2.GenerateRequest, arrived: float, backlog: asyncio.Queue,
+                    lifecycle: Lifecycle) -> None:
+        limit = lifecycle.config.stream_backlog
         try:
             for attempt in range(RETRIES + 1):
                 sent = 0
-                async with self.lifecycle.admit(arrived) as ticket:
+                async with lifecycle.admit(arrived) as ticket:
                     try:
-                        async for message in self._relay(request, ticket):
+                        async for message in self._relay(request, ticket, lifecycle):
                             sent += 1
                             if backlog.qsize() >= limit:
                                 raise StalledClientError(f"cancelled: the client left {limit} tokens unread "
@@ -82,15 +90,15 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
         finally:
             backlog.put_nowait(None)  # the end: the reader then gets what ended the request (after what it holds)
 
-    def check(self, request: ksleep_pb2.GenerateRequest) -> None:
+    def check(self, request: ksleep_pb2.GenerateRequest, lifecycle: Lifecycle | None = None) -> None:
         """Everything that can be checked without the model (ValidationError): the parameters, the prompt's shape
         and size, and its length against the context and the KV cache the worker last reported."""
         prompt, params = prompt_from_pb(request.prompt), SamplingParams.from_pb(request.params)
-        info = self.lifecycle.worker_info
+        info = (lifecycle or self.lifecycle).worker_info
         cache = info.batch.kv_cache_tokens - PAD_TOKENS if info is not None and info.HasField("batch") else None
         check_request(prompt, params, info.context_tokens if info is not None else None, cache)
 
-    async def _relay(self, request: ksleep_pb2.GenerateRequest, ticket):
+    async def _relay(self, request: ksleep_pb2.GenerateRequest, ticket, lifecycle: Lifecycle):
         call = ticket.worker.stub.Generate(worker_pb2.WorkerGenerateRequest(
             prompt=request.prompt, params=request.params, arrived_unix=ticket.arrived_unix))
         ticket.call = call
@@ -122,11 +130,11 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
                 raise SleepAbortedError("cancelled: the model was put to sleep with SLEEP_MODE_ABORT") from exc
             # refused as asleep, or its pool failed a checksum and the rebuild failed too (asleep at level 2)
             if (isinstance(exc, grpc.aio.AioRpcError) and exc.code() in ASLEEP_CODES
-                    and await self.lifecycle.reconcile(ticket.worker, ticket.wakes)):
+                    and await lifecycle.reconcile(ticket.worker, ticket.wakes)):
                 raise WorkerAsleepError("the worker was asleep") from exc
             if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNAVAILABLE or (
                     isinstance(exc, Exception) and ticket.worker.exited.done()):
-                if await self.lifecycle.worker_died(ticket.worker):
+                if await lifecycle.worker_died(ticket.worker):
                     raise WorkerGoneError("the worker died during this request; it is being restarted") from exc
             raise
         finally:
@@ -136,22 +144,33 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
         level = request.level if request.HasField("level") else None
         if level is not None and level not in (1, 2, 3):
             raise ValidationError(f"sleep level must be 1, 2 or 3, got {level}")
-        transition, aborted = await self.lifecycle.sleep(level, request.mode)
-        return ksleep_pb2.SleepResponse(sleep=transition, aborted_requests=aborted)
+        targets = [self.models.get(request.model)] if request.model else list(self.models)  # empty: all
+        results = [await lc.sleep(level, request.mode) for lc in targets]
+        return ksleep_pb2.SleepResponse(sleep=results[0][0], aborted_requests=sum(a for _, a in results))
 
     async def WakeUp(self, request: ksleep_pb2.WakeUpRequest, context) -> ksleep_pb2.WakeUpResponse:
-        return ksleep_pb2.WakeUpResponse(wake=await self.lifecycle.wake())
+        return ksleep_pb2.WakeUpResponse(wake=await self.models.get(request.model).wake())
 
     async def UpdateWeights(self, request: ksleep_pb2.UpdateWeightsRequest, context) -> ksleep_pb2.UpdateWeightsResponse:
-        return await self.lifecycle.update_weights(request.directory, request.mode)
+        return await self.models.get(request.model).update_weights(request.directory, request.mode)
 
     async def Status(self, request: ksleep_pb2.StatusRequest, context) -> ksleep_pb2.StatusResponse:
-        await self.lifecycle.sample()  # figures of now, not of the last periodic sample
-        return status_message(self.lifecycle, request.include_history)
+        chosen = self.models.get(request.model)
+        for lc in self.models:
+            await lc.sample()  # figures of now, not of the last periodic sample
+        return status_message(self.models, request.include_history, chosen)
 
 
-def status_message(lc: Lifecycle, include_history: bool = False) -> ksleep_pb2.StatusResponse:
-    return lc.snapshot(include_history).to_pb()
+def status_message(models: ModelRegistry | Lifecycle, include_history: bool = False,
+                   chosen: Lifecycle | None = None) -> ksleep_pb2.StatusResponse:
+    """The status of `chosen` (the default model), and with several models every model's under `models`."""
+    if isinstance(models, Lifecycle):
+        return models.snapshot(include_history).to_pb()
+    out = (chosen or models.default).snapshot(include_history).to_pb()
+    if len(models.lifecycles) > 1:
+        out.models.extend(lc.snapshot().to_pb() for lc in models)
+        out.model_switches = models.switches
+    return out
 
 
 class LifecycleHealth(health_aio.HealthServicer):

@@ -55,7 +55,7 @@ class Workers:
 
     def _next_socket(self):
         self._spawned += 1  # each worker its own socket: a spare starts while another worker serves
-        return self._sockets / f"worker-{os.getpid()}-{self._spawned}.sock"
+        return self._sockets / f"worker-{os.getpid()}-{self.tag}-{self._spawned}.sock"
 
     async def _launch_standby(self) -> WorkerHandle:
         if not self.forkserver.alive:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ksleep.v1 import common_pb2 as ksleep_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ksleep/v1/ksleep.proto\x12\tksleep.v1\x1a\x16ksleep/v1/common.proto\"_\n\x0fGenerateRequest\x12!\n\x06prompt\x18\x01 \x01(\x0b\x32\x11.ksleep.v1.Prompt\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.ksleep.v1.SamplingParams\"\xaa\x01\n\x0fGenerateSummary\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0cttft_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\x12\x0c\n\x04woke\x18\x05 \x01(\x08\x12*\n\x07weights\x18\x06 \x01(\x0b\x32\x19.ksleep.v1.WeightsVersion\"q\n\x10GenerateResponse\x12\x1f\n\x05token\x18\x01 \x01(\x0b\x32\x10.ksleep.v1.Token\x12\x30\n\x07summary\x18\x02 \x01(\x0b\x32\x1a.ksleep.v1.GenerateSummaryH\x00\x88\x01\x01\x42\n\n\x08_summary\"P\n\x0cSleepRequest\x12\x12\n\x05level\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\"\n\x04mode\x18\x02 \x01(\x0e\x32\x14.ksleep.v1.SleepModeB\x08\n\x06_level\"O\n\rSleepResponse\x12$\n\x05sleep\x18\x01 \x01(\x0b\x32\x15.ksleep.v1.Transition\x12\x18\n\x10\x61\x62orted_requests\x18\x02 \x01(\r\"\x0f\n\rWakeUpRequest\"5\n\x0eWakeUpResponse\x12#\n\x04wake\x18\x01 \x01(\x0b\x32\x15.ksleep.v1.Transition\"(\n\rStatusRequest\x12\x17\n\x0finclude_history\x18\x01 \x01(\x08\"\xa9\x01\n\x0cMemorySample\x12\x0f\n\x07\x61t_unix\x18\x01 \x01(\x01\x12\x1f\n\x05state\x18\x02 \x01(\x0e\x32\x10.ksleep.v1.State\x12\x19\n\x11\x64\x65vice_used_bytes\x18\x03 \x01(\x04\x12 \n\x13worker_device_bytes\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\npool_bytes\x18\x05 \x01(\x04\x42\x16\n\x14_worker_device_bytes\"\xcc\x08\n\x0eStatusResponse\x12\x1f\n\x05state\x18\x01 \x01(\x0e\x32\x10.ksleep.v1.State\x12\x13\n\x0bsleep_level\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x05 \x01(\x04\x12\x19\n\x11\x64\x65vice_used_bytes\x18\x06 \x01(\x04\x12\x1a\n\x12\x64\x65vice_total_bytes\x18\x07 \x01(\x04\x12 \n\x13worker_device_bytes\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\npool_bytes\x18\t \x01(\x04\x12\x12\n\nworker_pid\x18\n \x01(\r\x12\x10\n\x08restarts\x18\x0b \x01(\r\x12\x11\n\tin_flight\x18\x0c \x01(\r\x12\x14\n\x0cidle_seconds\x18\r \x01(\x01\x12\x1c\n\x14idle_timeout_seconds\x18\x0e \x01(\x01\x12.\n\nlast_sleep\x18\x0f \x01(\x0b\x32\x15.ksleep.v1.TransitionH\x01\x88\x01\x01\x12-\n\tlast_wake\x18\x10 \x01(\x0b\x32\x15.ksleep.v1.TransitionH\x02\x88\x01\x01\x12\x1e\n\x11last_ttft_seconds\x18\x11 \x01(\x01H\x03\x88\x01\x01\x12\x14\n\x0csleeps_total\x18\x12 \x01(\x04\x12\x13\n\x0bwakes_total\x18\x13 \x01(\x04\x12\x15\n\rmemory_source\x18\x14 \x01(\t\x12\x1a\n\x12worker_load_source\x18\x15 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x16 \x01(\x01\x12\x1e\n\x16\x63onfigured_sleep_level\x18\x17 \x01(\r\x12\x0f\n\x07version\x18\x18 \x01(\t\x12(\n\x07history\x18\x19 \x03(\x0b\x32\x17.ksleep.v1.MemorySample\x12\x30\n\x0clast_restart\x18\x1a \x01(\x0b\x32\x15.ksleep.v1.TransitionH\x04\x88\x01\x01\x12\x1b\n\x13worker_load_seconds\x18\x1b \x01(\x01\x12K\n\x12worker_load_phases\x18\x1c \x03(\x0b\x32/.ksleep.v1.StatusResponse.WorkerLoadPhasesEntry\x12\x13\n\x0bstandby_pid\x18\x1d \x01(\r\x12)\n\x05\x62\x61tch\x18\x1e \x01(\x0b\x32\x15.ksleep.v1.BatchStatsH\x05\x88\x01\x01\x12*\n\x07weights\x18\x1f \x01(\x0b\x32\x19.ksleep.v1.WeightsVersion\x1a\x37\n\x15WorkerLoadPhasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x16\n\x14_worker_device_bytesB\r\n\x0b_last_sleepB\x0c\n\n_last_wakeB\x14\n\x12_last_ttft_secondsB\x0f\n\r_last_restartB\x08\n\x06_batch\"M\n\x14UpdateWeightsRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\x12\"\n\x04mode\x18\x02 \x01(\x0e\x32\x14.ksleep.v1.SleepMode\"\xa9\x01\n\x15UpdateWeightsResponse\x12*\n\x07weights\x18\x01 \x01(\x0b\x32\x19.ksleep.v1.WeightsVersion\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x15\n\rstage_seconds\x18\x03 \x01(\x01\x12\x14\n\x0cswap_seconds\x18\x04 \x01(\x01\x12\x0c\n\x04pool\x18\x05 \x01(\t\x12\x18\n\x10\x61\x62orted_requests\x18\x06 \x01(\r*R\n\tSleepMode\x12\x1a\n\x16SLEEP_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSLEEP_MODE_WAIT\x10\x01\x12\x14\n\x10SLEEP_MODE_ABORT\x10\x02\x32\xdd\x02\n\x06Ksleep\x12\x45\n\x08Generate\x12\x1a.ksleep.v1.GenerateRequest\x1a\x1b.ksleep.v1.GenerateResponse0\x01\x12:\n\x05Sleep\x12\x17.ksleep.v1.SleepRequest\x1a\x18.ksleep.v1.SleepResponse\x12=\n\x06WakeUp\x12\x18.ksleep.v1.WakeUpRequest\x1a\x19.ksleep.v1.WakeUpResponse\x12=\n\x06Status\x12\x18.ksleep.v1.StatusRequest\x1a\x19.ksleep.v1.StatusResponse\x12R\n\rUpdateWeights\x12\x1f.ksleep.v1.UpdateWeightsRequest\x1a .ksleep.v1.UpdateWeightsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16ksleep/v1/ksleep.proto\x12\tksleep.v1\x1a\x16ksleep/v1/common.proto\"n\n\x0fGenerateRequest\x12!\n\x06prompt\x18\x01 \x01(\x0b\x32\x11.ksleep.v1.Prompt\x12)\n\x06params\x18\x02 \x01(\x0b\x32\x19.ksleep.v1.SamplingParams\x12\r\n\x05model\x18\x03 \x01(\t\"\xaa\x01\n\x0fGenerateSummary\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0cttft_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\x12\x0c\n\x04woke\x18\x05 \x01(\x08\x12*\n\x07weights\x18\x06 \x01(\x0b\x32\x19.ksleep.v1.WeightsVersion\"q\n\x10GenerateResponse\x12\x1f\n\x05token\x18\x01 \x01(\x0b\x32\x10.ksleep.v1.Token\x12\x30\n\x07summary\x18\x02 \x01(\x0b\x32\x1a.ksleep.v1.GenerateSummaryH\x00\x88\x01\x01\x42\n\n\x08_summary\"_\n\x0cSleepRequest\x12\x12\n\x05level\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\"\n\x04mode\x18\x02 \x01(\x0e\x32\x14.ksleep.v1.SleepMode\x12\r\n\x05model\x18\x03 \x01(\tB\x08\n\x06_level\"O\n\rSleepResponse\x12$\n\x05sleep\x18\x01 \x01(\x0b\x32\x15.ksleep.v1.Transition\x12\x18\n\x10\x61\x62orted_requests\x18\x02 \x01(\r\"\x1e\n\rWakeUpRequest\x12\r\n\x05model\x18\x01 \x01(\t\"5\n\x0eWakeUpResponse\x12#\n\x04wake\x18\x01 \x01(\x0b\x32\x15.ksleep.v1.Transition\"7\n\rStatusRequest\x12\x17\n\x0finclude_history\x18\x01 \x01(\x08\x12\r\n\x05model\x18\x02 \x01(\t\"\xa9\x01\n\x0cMemorySample\x12\x0f\n\x07\x61t_unix\x18\x01 \x01(\x01\x12\x1f\n\x05state\x18\x02 \x01(\x0e\x32\x10.ksleep.v1.State\x12\x19\n\x11\x64\x65vice_used_bytes\x18\x03 \x01(\x04\x12 \n\x13worker_device_bytes\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\npool_bytes\x18\x05 \x01(\x04\x42\x16\n\x14_worker_device_bytes\"\x8f\t\n\x0eStatusResponse\x12\x1f\n\x05state\x18\x01 \x01(\x0e\x32\x10.ksleep.v1.State\x12\x13\n\x0bsleep_level\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x05 \x01(\x04\x12\x19\n\x11\x64\x65vice_used_bytes\x18\x06 \x01(\x04\x12\x1a\n\x12\x64\x65vice_total_bytes\x18\x07 \x01(\x04\x12 \n\x13worker_device_bytes\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\npool_bytes\x18\t \x01(\x04\x12\x12\n\nworker_pid\x18\n \x01(\r\x12\x10\n\x08restarts\x18\x0b \x01(\r\x12\x11\n\tin_flight\x18\x0c \x01(\r\x12\x14\n\x0cidle_seconds\x18\r \x01(\x01\x12\x1c\n\x14idle_timeout_seconds\x18\x0e \x01(\x01\x12.\n\nlast_sleep\x18\x0f \x01(\x0b\x32\x15.ksleep.v1.TransitionH\x01\x88\x01\x01\x12-\n\tlast_wake\x18\x10 \x01(\x0b\x32\x15.ksleep.v1.TransitionH\x02\x88\x01\x01\x12\x1e\n\x11last_ttft_seconds\x18\x11 \x01(\x01H\x03\x88\x01\x01\x12\x14\n\x0csleeps_total\x18\x12 \x01(\x04\x12\x13\n\x0bwakes_total\x18\x13 \x01(\x04\x12\x15\n\rmemory_source\x18\x14 \x01(\t\x12\x1a\n\x12worker_load_source\x18\x15 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x16 \x01(\x01\x12\x1e\n\x16\x63onfigured_sleep_level\x18\x17 \x01(\r\x12\x0f\n\x07version\x18\x18 \x01(\t\x12(\n\x07history\x18\x19 \x03(\x0b\x32\x17.ksleep.v1.MemorySample\x12\x30\n\x0clast_restart\x18\x1a \x01(\x0b\x32\x15.ksleep.v1.TransitionH\x04\x88\x01\x01\x12\x1b\n\x13worker_load_seconds\x18\x1b \x01(\x01\x12K\n\x12worker_load_phases\x18\x1c \x03(\x0b\x32/.ksleep.v1.StatusResponse.WorkerLoadPhasesEntry\x12\x13\n\x0bstandby_pid\x18\x1d \x01(\r\x12)\n\x05\x62\x61tch\x18\x1e \x01(\x0b\x32\x15.ksleep.v1.BatchStatsH\x05\x88\x01\x01\x12*\n\x07weights\x18\x1f \x01(\x0b\x32\x19.ksleep.v1.WeightsVersion\x12)\n\x06models\x18  \x03(\x0b\x32\x19.ksleep.v1.StatusResponse\x12\x16\n\x0emodel_switches\x18! \x01(\r\x1a\x37\n\x15WorkerLoadPhasesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x16\n\x14_worker_device_bytesB\r\n\x0b_last_sleepB\x0c\n\n_last_wakeB\x14\n\x12_last_ttft_secondsB\x0f\n\r_last_restartB\x08\n\x06_batch\"\\\n\x14UpdateWeightsRequest\x12\x11\n\tdirectory\x18\x01 \x01(\t\x12\"\n\x04mode\x18\x02 \x01(\x0e\x32\x14.ksleep.v1.SleepMode\x12\r\n\x05model\x18\x03 \x01(\t\"\xa9\x01\n\x15UpdateWeightsResponse\x12*\n\x07weights\x18\x01 \x01(\x0b\x32\x19.ksleep.v1.WeightsVersion\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x15\n\rstage_seconds\x18\x03 \x01(\x01\x12\x14\n\x0cswap_seconds\x18\x04 \x01(\x01\x12\x0c\n\x04pool\x18\x05 \x01(\t\x12\x18\n\x10\x61\x62orted_requests\x18\x06 \x01(\r*R\n\tSleepMode\x12\x1a\n\x16SLEEP_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSLEEP_MODE_WAIT\x10\x01\x12\x14\n\x10SLEEP_MODE_ABORT\x10\x02\x32\xdd\x02\n\x06Ksleep\x12\x45\n\x08Generate\x12\x1a.ksleep.v1.GenerateRequest\x1a\x1b.ksleep.v1.GenerateResponse0\x01\x12:\n\x05Sleep\x12\x17.ksleep.v1.SleepRequest\x1a\x18.ksleep.v1.SleepResponse\x12=\n\x06WakeUp\x12\x18.ksleep.v1.WakeUpRequest\x1a\x19.ksleep.v1.WakeUpResponse\x12=\n\x06Status\x12\x18.ksleep.v1.StatusRequest\x1a\x19.ksleep.v1.StatusResponse\x12R\n\rUpdateWeights\x12\x1f.ksleep.v1.UpdateWeightsRequest\x1a .ksleep.v1.UpdateWeightsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,34 +34,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STATUSRESPONSE_WORKERLOADPHASESENTRY']._loaded_options = None
   _globals['_STATUSRESPONSE_WORKERLOADPHASESENTRY']._serialized_options = b'8\001'
-  _globals['_SLEEPMODE']._serialized_start=2249
-  _globals['_SLEEPMODE']._serialized_end=2331
+  _globals['_SLEEPMODE']._serialized_start=2391
+  _globals['_SLEEPMODE']._serialized_end=2473
   _globals['_GENERATEREQUEST']._serialized_start=61
-  _globals['_GENERATEREQUEST']._serialized_end=156
-  _globals['_GENERATESUMMARY']._serialized_start=159
-  _globals['_GENERATESUMMARY']._serialized_end=329
-  _globals['_GENERATERESPONSE']._serialized_start=331
-  _globals['_GENERATERESPONSE']._serialized_end=444
-  _globals['_SLEEPREQUEST']._serialized_start=446
-  _globals['_SLEEPREQUEST']._serialized_end=526
-  _globals['_SLEEPRESPONSE']._serialized_start=528
-  _globals['_SLEEPRESPONSE']._serialized_end=607
-  _globals['_WAKEUPREQUEST']._serialized_start=609
-  _globals['_WAKEUPREQUEST']._serialized_end=624
-  _globals['_WAKEUPRESPONSE']._serialized_start=626
-  _globals['_WAKEUPRESPONSE']._serialized_end=679
-  _globals['_STATUSREQUEST']._serialized_start=681
-  _globals['_STATUSREQUEST']._serialized_end=721
-  _globals['_MEMORYSAMPLE']._serialized_start=724
-  _globals['_MEMORYSAMPLE']._serialized_end=893
-  _globals['_STATUSRESPONSE']._serialized_start=896
-  _globals['_STATUSRESPONSE']._serialized_end=1996
-  _globals['_STATUSRESPONSE_WORKERLOADPHASESENTRY']._serialized_start=1839
-  _globals['_STATUSRESPONSE_WORKERLOADPHASESENTRY']._serialized_end=1894
-  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=1998
-  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=2075
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=2078
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=2247
-  _globals['_KSLEEP']._serialized_start=2334
-  _globals['_KSLEEP']._serialized_end=2683
+  _globals['_GENERATEREQUEST']._serialized_end=171
+  _globals['_GENERATESUMMARY']._serialized_start=174
+  _globals['_GENERATESUMMARY']._serialized_end=344
+  _globals['_GENERATERESPONSE']._serialized_start=346
+  _globals['_GENERATERESPONSE']._serialized_end=459
+  _globals['_SLEEPREQUEST']._serialized_start=461
+  _globals['_SLEEPREQUEST']._serialized_end=556
+  _globals['_SLEEPRESPONSE']._serialized_start=558
+  _globals['_SLEEPRESPONSE']._serialized_end=637
+  _globals['_WAKEUPREQUEST']._serialized_start=639
+  _globals['_WAKEUPREQUEST']._serialized_end=669
+  _globals['_WAKEUPRESPONSE']._serialized_start=671
+  _globals['_WAKEUPRESPONSE']._serialized_end=724
+  _globals['_STATUSREQUEST']._serialized_start=726
+  _globals['_STATUSREQUEST']._serialized_end=781
+  _globals['_MEMORYSAMPLE']._serialized_start=784
+  _globals['_MEMORYSAMPLE']._serialized_end=953
+  _globals['_STATUSRESPONSE']._serialized_start=956
+  _globals['_STATUSRESPONSE']._serialized_end=2123
+  _globals['_STATUSRESPONSE_WORKERLOADPHASESENTRY']._serialized_start=1966
+  _globals['_STATUSRESPONSE_WORKERLOADPHASESENTRY']._serialized_end=2021
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=2125
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=2217
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=2220
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=2389
+  _globals['_KSLEEP']._serialized_start=2476
+  _globals['_KSLEEP']._serialized_end=2825
 # @@protoc_insertion_point(module_scope)

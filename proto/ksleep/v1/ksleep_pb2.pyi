@@ -18,12 +18,14 @@ SLEEP_MODE_WAIT: SleepMode
 SLEEP_MODE_ABORT: SleepMode
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "params")
+    __slots__ = ("prompt", "params", "model")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     prompt: _common_pb2.Prompt
     params: _common_pb2.SamplingParams
-    def __init__(self, prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    model: str
+    def __init__(self, prompt: _Optional[_Union[_common_pb2.Prompt, _Mapping]] = ..., params: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class GenerateSummary(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "ttft_seconds", "total_seconds", "woke", "weights")
@@ -50,12 +52,14 @@ class GenerateResponse(_message.Message):
     def __init__(self, token: _Optional[_Union[_common_pb2.Token, _Mapping]] = ..., summary: _Optional[_Union[GenerateSummary, _Mapping]] = ...) -> None: ...
 
 class SleepRequest(_message.Message):
-    __slots__ = ("level", "mode")
+    __slots__ = ("level", "mode", "model")
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     level: int
     mode: SleepMode
-    def __init__(self, level: _Optional[int] = ..., mode: _Optional[_Union[SleepMode, str]] = ...) -> None: ...
+    model: str
+    def __init__(self, level: _Optional[int] = ..., mode: _Optional[_Union[SleepMode, str]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class SleepResponse(_message.Message):
     __slots__ = ("sleep", "aborted_requests")
@@ -66,8 +70,10 @@ class SleepResponse(_message.Message):
     def __init__(self, sleep: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., aborted_requests: _Optional[int] = ...) -> None: ...
 
 class WakeUpRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class WakeUpResponse(_message.Message):
     __slots__ = ("wake",)
@@ -76,10 +82,12 @@ class WakeUpResponse(_message.Message):
     def __init__(self, wake: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ("include_history",)
+    __slots__ = ("include_history", "model")
     INCLUDE_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     include_history: bool
-    def __init__(self, include_history: _Optional[bool] = ...) -> None: ...
+    model: str
+    def __init__(self, include_history: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
 
 class MemorySample(_message.Message):
     __slots__ = ("at_unix", "state", "device_used_bytes", "worker_device_bytes", "pool_bytes")
@@ -96,7 +104,7 @@ class MemorySample(_message.Message):
     def __init__(self, at_unix: _Optional[float] = ..., state: _Optional[_Union[_common_pb2.State, str]] = ..., device_used_bytes: _Optional[int] = ..., worker_device_bytes: _Optional[int] = ..., pool_bytes: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("state", "sleep_level", "model", "device", "weight_bytes", "device_used_bytes", "device_total_bytes", "worker_device_bytes", "pool_bytes", "worker_pid", "restarts", "in_flight", "idle_seconds", "idle_timeout_seconds", "last_sleep", "last_wake", "last_ttft_seconds", "sleeps_total", "wakes_total", "memory_source", "worker_load_source", "uptime_seconds", "configured_sleep_level", "version", "history", "last_restart", "worker_load_seconds", "worker_load_phases", "standby_pid", "batch", "weights")
+    __slots__ = ("state", "sleep_level", "model", "device", "weight_bytes", "device_used_bytes", "device_total_bytes", "worker_device_bytes", "pool_bytes", "worker_pid", "restarts", "in_flight", "idle_seconds", "idle_timeout_seconds", "last_sleep", "last_wake", "last_ttft_seconds", "sleeps_total", "wakes_total", "memory_source", "worker_load_source", "uptime_seconds", "configured_sleep_level", "version", "history", "last_restart", "worker_load_seconds", "worker_load_phases", "standby_pid", "batch", "weights", "models", "model_switches")
     class WorkerLoadPhasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +143,8 @@ class StatusResponse(_message.Message):
     STANDBY_PID_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SWITCHES_FIELD_NUMBER: _ClassVar[int]
     state: _common_pb2.State
     sleep_level: int
     model: str
@@ -166,15 +176,19 @@ class StatusResponse(_message.Message):
     standby_pid: int
     batch: _common_pb2.BatchStats
     weights: _common_pb2.WeightsVersion
-    def __init__(self, state: _Optional[_Union[_common_pb2.State, str]] = ..., sleep_level: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., device_used_bytes: _Optional[int] = ..., device_total_bytes: _Optional[int] = ..., worker_device_bytes: _Optional[int] = ..., pool_bytes: _Optional[int] = ..., worker_pid: _Optional[int] = ..., restarts: _Optional[int] = ..., in_flight: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., idle_timeout_seconds: _Optional[float] = ..., last_sleep: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., last_wake: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., last_ttft_seconds: _Optional[float] = ..., sleeps_total: _Optional[int] = ..., wakes_total: _Optional[int] = ..., memory_source: _Optional[str] = ..., worker_load_source: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., configured_sleep_level: _Optional[int] = ..., version: _Optional[str] = ..., history: _Optional[_Iterable[_Union[MemorySample, _Mapping]]] = ..., last_restart: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., worker_load_seconds: _Optional[float] = ..., worker_load_phases: _Optional[_Mapping[str, float]] = ..., standby_pid: _Optional[int] = ..., batch: _Optional[_Union[_common_pb2.BatchStats, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.WeightsVersion, _Mapping]] = ...) -> None: ...
+    models: _containers.RepeatedCompositeFieldContainer[StatusResponse]
+    model_switches: int
+    def __init__(self, state: _Optional[_Union[_common_pb2.State, str]] = ..., sleep_level: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., device_used_bytes: _Optional[int] = ..., device_total_bytes: _Optional[int] = ..., worker_device_bytes: _Optional[int] = ..., pool_bytes: _Optional[int] = ..., worker_pid: _Optional[int] = ..., restarts: _Optional[int] = ..., in_flight: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., idle_timeout_seconds: _Optional[float] = ..., last_sleep: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., last_wake: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., last_ttft_seconds: _Optional[float] = ..., sleeps_total: _Optional[int] = ..., wakes_total: _Optional[int] = ..., memory_source: _Optional[str] = ..., worker_load_source: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., configured_sleep_level: _Optional[int] = ..., version: _Optional[str] = ..., history: _Optional[_Iterable[_Union[MemorySample, _Mapping]]] = ..., last_restart: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., worker_load_seconds: _Optional[float] = ..., worker_load_phases: _Optional[_Mapping[str, float]] = ..., standby_pid: _Optional[int] = ..., batch: _Optional[_Union[_common_pb2.BatchStats, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.WeightsVersion, _Mapping]] = ..., models: _Optional[_Iterable[_Union[StatusResponse, _Mapping]]] = ..., model_switches: _Optional[int] = ...) -> None: ...
 
 class UpdateWeightsRequest(_message.Message):
-    __slots__ = ("directory", "mode")
+    __slots__ = ("directory", "mode", "model")
     DIRECTORY_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     directory: str
     mode: SleepMode
-    def __init__(self, directory: _Optional[str] = ..., mode: _Optional[_Union[SleepMode, str]] = ...) -> None: ...
+    model: str
+    def __init__(self, directory: _Optional[str] = ..., mode: _Optional[_Union[SleepMode, str]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class UpdateWeightsResponse(_message.Message):
     __slots__ = ("weights", "seconds", "stage_seconds", "swap_seconds", "pool", "aborted_requests")

@@ -1,0 +1,103 @@
+"""The models one daemon serves: a Lifecycle each (own worker, pool, idle timeout), and who may be awake.
+
+A request names its model (the first is the default). A model that must wake while `--max-awake` models are
+awake, or while the device has no room for it beside them, first puts the least recently used awake model to
+sleep at level 1 (its requests in flight finish first, for at most its --drain-timeout; requests that arrive for
+it meanwhile wait for its next wake): a switch is one sleep plus one wake, never a reload while the pool exists.
+Switches run one at a time. A single model is a registry of one.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from ksleep.v1 import common_pb2, ksleep_pb2
+from ksleep.worker.errors import ValidationError
+
+from .config import DaemonConfig
+from .lifecycle import Lifecycle
+from .metrics import Metrics
+
+log = logging.getLogger("ksleep.registry")
+S = common_pb2
+
+
+class UnknownModelError(ValidationError):
+    """A request for a model this daemon does not serve (INVALID_ARGUMENT; 404 on the HTTP face)."""
+
+
+class ModelRegistry:
+    def __init__(self, lifecycles: list[Lifecycle], max_awake: int = 0):
+        self.lifecycles = {lc.config.model: lc for lc in lifecycles}
+        self.default = lifecycles[0]
+        self.max_awake = max_awake
+        self._switching = asyncio.Lock()
+        self.switches = 0  # models put to sleep to make room for another
+        for lc in lifecycles:
+            lc.switch = self._switch_in if len(lifecycles) > 1 else None
+
+    @classmethod
+    def from_config(cls, config: DaemonConfig, metrics: Metrics | None = None) -> ModelRegistry:
+        metrics = metrics or Metrics()
+        return cls([Lifecycle(c, metrics, tag=i) for i, c in enumerate(config.model_configs())], config.max_awake)
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.default.metrics
+
+    def get(self, name: str | None) -> Lifecycle:
+        """The model called `name` (the default for None or ""); UnknownModelError naming those served."""
+        if not name:
+            return self.default
+        lc = self.lifecycles.get(name)
+        if lc is None:
+            raise UnknownModelError(f"model {name!r} is not served here; served: {', '.join(self.lifecycles)}")
+        return lc
+
+    def __iter__(self):
+        return iter(self.lifecycles.values())
+
+    # -- start and stop -------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start every model in order, each awake once (so that each builds or attaches its pool), making room
+        as a wake would."""
+        for lc in self:
+            async with self._switching:
+                await self._make_room(lc)
+                await lc.start()
+
+    async def stop(self) -> None:
+        for lc in reversed(list(self)):
+            await lc.stop()
+
+    # -- switching ------------------------------------------------------------------------------------------
+    async def _switch_in(self, lc: Lifecycle, overlap: bool) -> None:
+        async with self._switching:
+            await self._make_room(lc)
+            try:
+                await lc._wake(overlap)
+            except grpc.aio.AioRpcError as exc:  # no device memory beside the others: one more goes to sleep
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or not await self._evict(lc):
+                    raise
+                await lc._wake(overlap)
+
+    async def _make_room(self, lc: Lifecycle) -> None:
+        while self.max_awake and len(self._awake(but=lc)) >= self.max_awake:
+            if not await self._evict(lc):
+                return
+
+    def _awake(self, but: Lifecycle) -> list[Lifecycle]:
+        return [o for o in self if o is not but and o.state in (S.STATE_AWAKE, S.STATE_WAKING)]
+
+    async def _evict(self, lc: Lifecycle) -> bool:
+        """Put the least recently used other awake model to sleep (idle ones first); False when there is none."""
+        awake = self._awake(but=lc)
+        if not awake:
+            return False
+        victim = min(awake, key=lambda o: (o.in_flight > 0, o._last_activity))
+        log.info("putting %s to sleep to make room for %s", victim.config.model, lc.config.model)
+        await victim.sleep(1, ksleep_pb2.SLEEP_MODE_WAIT)
+        self.switches += 1
+        return True
