@@ -17,9 +17,10 @@ from .errors import (
     Unavailable,
 )
 from .types import Completion, Status, Token
+from .writer import WeightWriter
 
 __all__ = [
     "Aborted", "AsyncClient", "Client", "Completion", "DeadlineExceeded", "FailedPrecondition", "InvalidArgument",
     "KsleepClientError", "PermissionDenied", "ResourceExhausted", "ServerError", "Status", "Token", "Unauthenticated", "Unavailable",
-    "build_request", "resolve_address",
+    "WeightWriter", "build_request", "resolve_address",
 ]

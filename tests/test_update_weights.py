@@ -163,3 +163,27 @@ def test_the_http_route_and_ksleepctl_update_the_weights(start_daemon, checkpoin
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0 and "version 2" in done.stdout, done.stderr
     assert daemon.status().weights.number == 2
+
+
+def test_tensors_staged_in_shared_memory_update_the_weights(open_engine, checkpoint, start_daemon):
+    from safetensors.torch import load_file
+
+    from ksleep.client import Client, WeightWriter
+
+    directory = checkpoint(1)
+    expected = ids(open_engine(str(directory)))
+    tensors = load_file(str(directory / "model.safetensors"))  # what a trainer holds in memory
+    engine = open_engine()
+    with WeightWriter(shard_bytes=1 << 16) as staged:  # several shards
+        for name, tensor in tensors.items():
+            staged.write(name, tensor)
+        folder = staged.commit()
+        assert Path(folder).parent == SHM and len(list(Path(folder).glob("*.safetensors"))) > 1
+        assert engine.update_weights(folder).version.number == 1
+        assert ids(engine) == expected
+        daemon = start_daemon()
+        with Client(f"unix:{daemon.socket}") as client:
+            assert client.update_weights(folder)["weights_version"] == 1
+            done = client.complete(PROMPT, max_tokens=10)
+            assert done.weights_version == 1 and done.token_ids == expected
+    assert not Path(folder).exists()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence as Seq
+from pathlib import Path
 
 import torch
 
@@ -290,7 +291,12 @@ class Engine:
         ValidationError when they do not fit the model (nothing changes), BusyError while requests run or wait
         (unless `abort`, which ends them)."""
         started = time.perf_counter()
-        source = checkpoint_source(directory, self.config.trust_remote_code)
+        folder = Path(directory).expanduser()
+        if folder.is_dir() and any(folder.glob("*.safetensors")) and not (folder / "config.json").exists():
+            # tensors alone (client.WeightWriter): made a complete checkpoint of this model, before its identity
+            self.skeleton.config.save_pretrained(folder)
+            self.tokenizer.save_pretrained(folder)
+        source = checkpoint_source(folder, self.config.trust_remote_code)
         pool, how = stage_pool(self.weights, source)
         staged = time.perf_counter()
         try:
