@@ -52,14 +52,15 @@ def build_request(prompt: str | Sequence[int] | Sequence[dict], *, max_tokens: i
     return ksleep_pb2.GenerateRequest(prompt=wire, params=common_pb2.SamplingParams(stop=stops, **params), model=model)
 
 
-def _sleep_request(level: int | None, abort: bool) -> ksleep_pb2.SleepRequest:
+def _sleep_request(level: int | None, abort: bool, model: str = "") -> ksleep_pb2.SleepRequest:
     mode = ksleep_pb2.SLEEP_MODE_ABORT if abort else ksleep_pb2.SLEEP_MODE_WAIT
-    return ksleep_pb2.SleepRequest(mode=mode, **({"level": level} if level is not None else {}))
+    return ksleep_pb2.SleepRequest(mode=mode, model=model, **({"level": level} if level is not None else {}))
 
 
-def _update_request(directory: str, abort: bool) -> ksleep_pb2.UpdateWeightsRequest:
+def _update_request(directory: str, abort: bool, model: str = "") -> ksleep_pb2.UpdateWeightsRequest:
     return ksleep_pb2.UpdateWeightsRequest(
-        directory=str(directory), mode=ksleep_pb2.SLEEP_MODE_ABORT if abort else ksleep_pb2.SLEEP_MODE_WAIT)
+        directory=str(directory), mode=ksleep_pb2.SLEEP_MODE_ABORT if abort else ksleep_pb2.SLEEP_MODE_WAIT,
+        model=model)
 
 
 class _Collector:
@@ -129,26 +130,27 @@ class Client(_Base):
             raise from_rpc_error(error) from None
         return collector.result()
 
-    def sleep(self, level: int | None = None, abort: bool = False) -> dict:
-        """Sleep now (level 1, 2 or 3; default: the daemon's). `abort` cancels requests in flight."""
+    def sleep(self, level: int | None = None, abort: bool = False, model: str = "") -> dict:
+        """Sleep now (level 1, 2 or 3; default: the daemon's). `abort` cancels requests in flight. `model`: one
+        of several models (default: every model)."""
         try:
-            reply = self._stub.Sleep(_sleep_request(level, abort), timeout=self.timeout, metadata=self._control)
+            reply = self._stub.Sleep(_sleep_request(level, abort, model), timeout=self.timeout, metadata=self._control)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return {**transition_dict(reply.sleep), "aborted_requests": reply.aborted_requests}
 
-    def wake(self) -> dict:
+    def wake(self, model: str = "") -> dict:
         try:
-            reply = self._stub.WakeUp(ksleep_pb2.WakeUpRequest(), timeout=self.timeout, metadata=self._control)
+            reply = self._stub.WakeUp(ksleep_pb2.WakeUpRequest(model=model), timeout=self.timeout, metadata=self._control)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return transition_dict(reply.wake)
 
-    def update_weights(self, directory: str, abort: bool = False) -> dict:
+    def update_weights(self, directory: str, abort: bool = False, model: str = "") -> dict:
         """Serve the weights of a checkpoint directory (on the daemon's machine) from now on; `abort` cancels the
         requests in flight instead of letting them finish. Needs the control token when one is set."""
         try:
-            reply = self._stub.UpdateWeights(_update_request(directory, abort), timeout=self.timeout,
+            reply = self._stub.UpdateWeights(_update_request(directory, abort, model), timeout=self.timeout,
                                              metadata=self._control)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
@@ -194,23 +196,23 @@ class AsyncClient(_Base):
             raise from_rpc_error(error) from None
         return collector.result()
 
-    async def sleep(self, level: int | None = None, abort: bool = False) -> dict:
+    async def sleep(self, level: int | None = None, abort: bool = False, model: str = "") -> dict:
         try:
-            reply = await self._stub.Sleep(_sleep_request(level, abort), timeout=self.timeout, metadata=self._control)
+            reply = await self._stub.Sleep(_sleep_request(level, abort, model), timeout=self.timeout, metadata=self._control)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return {**transition_dict(reply.sleep), "aborted_requests": reply.aborted_requests}
 
-    async def wake(self) -> dict:
+    async def wake(self, model: str = "") -> dict:
         try:
-            reply = await self._stub.WakeUp(ksleep_pb2.WakeUpRequest(), timeout=self.timeout, metadata=self._control)
+            reply = await self._stub.WakeUp(ksleep_pb2.WakeUpRequest(model=model), timeout=self.timeout, metadata=self._control)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return transition_dict(reply.wake)
 
-    async def update_weights(self, directory: str, abort: bool = False) -> dict:
+    async def update_weights(self, directory: str, abort: bool = False, model: str = "") -> dict:
         try:
-            reply = await self._stub.UpdateWeights(_update_request(directory, abort), timeout=self.timeout,
+            reply = await self._stub.UpdateWeights(_update_request(directory, abort, model), timeout=self.timeout,
                                                    metadata=self._control)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None

@@ -21,7 +21,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # what a [[models]] table may set for its model; the rest (addresses, limits, the control token) is the daemon's
 PER_MODEL = frozenset({"keep_layers", "sleep_level", "idle_timeout", "cuda_graphs", "fused_kernels", "kv_cache",
                        "max_batch", "max_queue", "prefill_chunk", "pool_format", "dtype", "standby",
-                       "trust_remote_code", "verify_wakes", "vmm"})
+                       "trust_remote_code", "verify_wakes", "vmm", "seed", "served_name"})
 
 
 def runtime_dir() -> Path:
@@ -72,6 +72,8 @@ class DaemonConfig:
     history: int = field(default=3600, metadata={"help": "memory samples kept for Status(include_history)"})
     http: str = field(default="", metadata={"help": "serve the OpenAI-compatible HTTP face on [HOST:]PORT (127.0.0.1 unless a host is given); off when empty"})
     control_token: str = field(default="", metadata={"help": "require 'authorization: Bearer TOKEN' for Sleep/WakeUp (gRPC) and /sleep, /wake_up (HTTP)"})
+    served_name: str = field(default="", metadata={"help": "the name requests use for the model (OpenAI `model`); default: --model"})
+    seed: int = field(default=0, metadata={"help": "seed of synthetic:<preset> weights (two synthetic models of one preset differ by their seed)"})
     max_awake: int = field(default=0, metadata={"help": "with several models (--model A --model B): at most this many awake at once; waking another first puts the least recently used to sleep (0: as many as device memory holds)"})
     # Several models: each entry {"model": name, and any of PER_MODEL}; `model` is the first. From repeated --model
     # flags or the TOML file's [[models]] tables (not a flag of its own).
@@ -120,9 +122,10 @@ class DaemonConfig:
         if isinstance(self.max_awake, bool) or not isinstance(self.max_awake, int) or self.max_awake < 0:
             raise ValueError(f"max_awake must be an integer >= 0, got {self.max_awake!r}")
         self.models = tuple(dict(m) for m in self.models)
-        names = [m.get("model") for m in self.models]
-        if any(not isinstance(n, str) or not n for n in names):
+        models = [m.get("model") for m in self.models]
+        if any(not isinstance(n, str) or not n for n in models):
             raise ValueError("every [[models]] table needs a model name (model = \"...\")")
+        names = [m.get("served_name") or m["model"] for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"a model is named twice: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
         for spec in self.models:
@@ -130,7 +133,12 @@ class DaemonConfig:
             if other:
                 raise ValueError(f"{', '.join(sorted(other))} cannot be set per model (per model: {', '.join(sorted(PER_MODEL))})")
         if self.models:
-            self.model = names[0]
+            self.model = models[0]
+
+    @property
+    def name(self) -> str:
+        """What requests call this model."""
+        return self.served_name or self.model
 
     def model_configs(self) -> list[DaemonConfig]:
         """One configuration per model served, the first one the default (just this one without [[models]])."""
@@ -188,7 +196,7 @@ class DaemonConfig:
             vmm=self.vmm, trust_remote_code=self.trust_remote_code, socket_path=str(socket_path),
             supervisor_pid=os.getpid(), start_asleep=start_asleep, log_level=self.log_level,
             cuda_graphs=self.cuda_graphs, kv_cache=self.kv_cache, max_batch=self.max_batch,
-            fused_kernels=self.fused_kernels, pool_format=self.pool_format,
+            fused_kernels=self.fused_kernels, pool_format=self.pool_format, seed=self.seed,
             max_queue=self.max_queue, prefill_chunk=self.prefill_chunk, standby=standby,
             skip_wake_checksums=not self.verify_wakes)
 

@@ -146,7 +146,7 @@ def build_app(config: DaemonConfig, service: KsleepService) -> FastAPI:
     async def run(body, chat: bool):
         if (wrong := unknown_model(body.model)) is not None:
             return wrong
-        model_name = body.model or models.default.config.model
+        model_name = body.model or models.default.config.name
         try:
             request_pb = body.request_pb()
             request_pb.model = model_name

@@ -46,7 +46,7 @@ class _LifecycleCollector:
     def collect(self):
         families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
         for lc in self.lifecycles:
-            now, model = lc.snapshot(), lc.config.model  # every figure of a model from one reading
+            now, model = lc.snapshot(), lc.config.name  # every figure of a model from one reading
 
             def add(kind, name: str, doc: str, value: float, **extra: str) -> None:
                 if name not in families:

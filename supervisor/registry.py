@@ -30,7 +30,7 @@ class UnknownModelError(ValidationError):
 
 class ModelRegistry:
     def __init__(self, lifecycles: list[Lifecycle], max_awake: int = 0):
-        self.lifecycles = {lc.config.model: lc for lc in lifecycles}
+        self.lifecycles = {lc.config.name: lc for lc in lifecycles}
         self.default = lifecycles[0]
         self.max_awake = max_awake
         self._switching = asyncio.Lock()
@@ -97,7 +97,7 @@ class ModelRegistry:
         if not awake:
             return False
         victim = min(awake, key=lambda o: (o.in_flight > 0, o._last_activity))
-        log.info("putting %s to sleep to make room for %s", victim.config.model, lc.config.model)
+        log.info("putting %s to sleep to make room for %s", victim.config.name, lc.config.name)
         await victim.sleep(1, ksleep_pb2.SLEEP_MODE_WAIT)
         self.switches += 1
         return True

@@ -99,7 +99,7 @@ def take(lc, history: bool = False) -> Snapshot:
     info = lc.worker_info
     samples = lc.history.samples
     return Snapshot(
-        state=lc.state, sleep_level=lc.sleep_level, stopping=lc.stopping, model=lc.config.model,
+        state=lc.state, sleep_level=lc.sleep_level, stopping=lc.stopping, model=lc.config.name,
         device=info.device if info else lc.config.device, worker_info=info,
         worker_pid=lc.worker.pid if lc.worker else 0, standby_pid=lc.standby.pid, restarts=lc.restarts,
         sleeps_total=lc.sleeps_total, wakes_total=lc.wakes_total, in_flight=lc.in_flight,

@@ -129,7 +129,7 @@ class WorkerConfig:
                    pool_prefix=pb.pool_prefix or "ksleep", vmm=pb.vmm or "auto", trust_remote_code=pb.trust_remote_code,
                    cuda_graphs=pb.cuda_graphs or "auto", kv_cache=pb.kv_cache or "auto",
                    fused_kernels=pb.fused_kernels or "auto", pool_format=pb.pool_format or "auto",
-                   weights_version=pb.weights_version,
+                   weights_version=pb.weights_version, seed=pb.seed,
                    max_batch=pb.max_batch or 128, max_queue=pb.max_queue if pb.HasField("max_queue") else 1024,
                    prefill_chunk=pb.prefill_chunk or PREFILL_CHUNK, verify_on_wake=not pb.skip_wake_checksums)
 
@@ -140,7 +140,7 @@ class WorkerConfig:
             cache_dir=str(self.cache_dir), model_dir=str(self.model_dir), shm_dir=str(self.shm_dir),
             pool_prefix=self.pool_prefix, vmm=self.vmm, trust_remote_code=self.trust_remote_code,
             cuda_graphs=self.cuda_graphs, kv_cache=self.kv_cache, max_batch=self.max_batch,
-            fused_kernels=self.fused_kernels, pool_format=self.pool_format, weights_version=self.weights_version,
+            fused_kernels=self.fused_kernels, pool_format=self.pool_format, weights_version=self.weights_version, seed=self.seed,
             max_queue=self.max_queue, prefill_chunk=self.prefill_chunk,
             skip_wake_checksums=not self.verify_on_wake, **extra)
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aksleep/v1/forkserver.proto\x12\tksleep.v1\"\x8d\x04\n\x0eWorkerSettings\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x13\n\x0bkeep_layers\x18\x04 \x01(\r\x12\x11\n\tcache_dir\x18\x05 \x01(\t\x12\x11\n\tmodel_dir\x18\x06 \x01(\t\x12\x0f\n\x07shm_dir\x18\x07 \x01(\t\x12\x13\n\x0bpool_prefix\x18\x08 \x01(\t\x12\x0b\n\x03vmm\x18\t \x01(\t\x12\x19\n\x11trust_remote_code\x18\n \x01(\x08\x12\x13\n\x0bsocket_path\x18\x0b \x01(\t\x12\x16\n\x0esupervisor_pid\x18\x0c \x01(\r\x12\x14\n\x0cstart_asleep\x18\r \x01(\x08\x12\x11\n\tlog_level\x18\x0e \x01(\t\x12\x13\n\x0b\x63uda_graphs\x18\x0f \x01(\t\x12\x0f\n\x07standby\x18\x11 \x01(\x08\x12\x1b\n\x13skip_wake_checksums\x18\x12 \x01(\x08\x12\x10\n\x08kv_cache\x18\x13 \x01(\t\x12\x11\n\tmax_batch\x18\x14 \x01(\r\x12\x16\n\tmax_queue\x18\x15 \x01(\rH\x00\x88\x01\x01\x12\x15\n\rprefill_chunk\x18\x16 \x01(\r\x12\x15\n\rfused_kernels\x18\x17 \x01(\t\x12\x13\n\x0bpool_format\x18\x18 \x01(\t\x12\x17\n\x0fweights_version\x18\x19 \x01(\rB\x0c\n\n_max_queueJ\x04\x08\x10\x10\x11\":\n\x0b\x46orkRequest\x12+\n\x08settings\x18\x01 \x01(\x0b\x32\x19.ksleep.v1.WorkerSettings\"\x8f\x03\n\x0f\x46orkserverEvent\x12\x31\n\x05ready\x18\x01 \x01(\x0b\x32 .ksleep.v1.ForkserverEvent.ReadyH\x00\x12\x35\n\x07started\x18\x02 \x01(\x0b\x32\".ksleep.v1.ForkserverEvent.StartedH\x00\x12\x33\n\x06\x65xited\x18\x03 \x01(\x0b\x32!.ksleep.v1.ForkserverEvent.ExitedH\x00\x12\x37\n\x08rejected\x18\x04 \x01(\x0b\x32#.ksleep.v1.ForkserverEvent.RejectedH\x00\x1a-\n\x05Ready\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x17\n\x0fpreload_seconds\x18\x02 \x01(\x01\x1a\x16\n\x07Started\x12\x0b\n\x03pid\x18\x01 \x01(\r\x1a)\n\x06\x45xited\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x12\n\nreturncode\x18\x02 \x01(\x05\x1a)\n\x08Rejected\x12\r\n\x05\x65rror\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\tB\x07\n\x05\x65ventb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aksleep/v1/forkserver.proto\x12\tksleep.v1\"\x9b\x04\n\x0eWorkerSettings\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x13\n\x0bkeep_layers\x18\x04 \x01(\r\x12\x11\n\tcache_dir\x18\x05 \x01(\t\x12\x11\n\tmodel_dir\x18\x06 \x01(\t\x12\x0f\n\x07shm_dir\x18\x07 \x01(\t\x12\x13\n\x0bpool_prefix\x18\x08 \x01(\t\x12\x0b\n\x03vmm\x18\t \x01(\t\x12\x19\n\x11trust_remote_code\x18\n \x01(\x08\x12\x13\n\x0bsocket_path\x18\x0b \x01(\t\x12\x16\n\x0esupervisor_pid\x18\x0c \x01(\r\x12\x14\n\x0cstart_asleep\x18\r \x01(\x08\x12\x11\n\tlog_level\x18\x0e \x01(\t\x12\x13\n\x0b\x63uda_graphs\x18\x0f \x01(\t\x12\x0f\n\x07standby\x18\x11 \x01(\x08\x12\x1b\n\x13skip_wake_checksums\x18\x12 \x01(\x08\x12\x10\n\x08kv_cache\x18\x13 \x01(\t\x12\x11\n\tmax_batch\x18\x14 \x01(\r\x12\x16\n\tmax_queue\x18\x15 \x01(\rH\x00\x88\x01\x01\x12\x15\n\rprefill_chunk\x18\x16 \x01(\r\x12\x15\n\rfused_kernels\x18\x17 \x01(\t\x12\x13\n\x0bpool_format\x18\x18 \x01(\t\x12\x0c\n\x04seed\x18\x1a \x01(\r\x12\x17\n\x0fweights_version\x18\x19 \x01(\rB\x0c\n\n_max_queueJ\x04\x08\x10\x10\x11\":\n\x0b\x46orkRequest\x12+\n\x08settings\x18\x01 \x01(\x0b\x32\x19.ksleep.v1.WorkerSettings\"\x8f\x03\n\x0f\x46orkserverEvent\x12\x31\n\x05ready\x18\x01 \x01(\x0b\x32 .ksleep.v1.ForkserverEvent.ReadyH\x00\x12\x35\n\x07started\x18\x02 \x01(\x0b\x32\".ksleep.v1.ForkserverEvent.StartedH\x00\x12\x33\n\x06\x65xited\x18\x03 \x01(\x0b\x32!.ksleep.v1.ForkserverEvent.ExitedH\x00\x12\x37\n\x08rejected\x18\x04 \x01(\x0b\x32#.ksleep.v1.ForkserverEvent.RejectedH\x00\x1a-\n\x05Ready\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x17\n\x0fpreload_seconds\x18\x02 \x01(\x01\x1a\x16\n\x07Started\x12\x0b\n\x03pid\x18\x01 \x01(\r\x1a)\n\x06\x45xited\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x12\n\nreturncode\x18\x02 \x01(\x05\x1a)\n\x08Rejected\x12\r\n\x05\x65rror\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\tB\x07\n\x05\x65ventb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,17 +32,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ksleep.v1.forkserver_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERSETTINGS']._serialized_start=42
-  _globals['_WORKERSETTINGS']._serialized_end=567
-  _globals['_FORKREQUEST']._serialized_start=569
-  _globals['_FORKREQUEST']._serialized_end=627
-  _globals['_FORKSERVEREVENT']._serialized_start=630
-  _globals['_FORKSERVEREVENT']._serialized_end=1029
-  _globals['_FORKSERVEREVENT_READY']._serialized_start=865
-  _globals['_FORKSERVEREVENT_READY']._serialized_end=910
-  _globals['_FORKSERVEREVENT_STARTED']._serialized_start=912
-  _globals['_FORKSERVEREVENT_STARTED']._serialized_end=934
-  _globals['_FORKSERVEREVENT_EXITED']._serialized_start=936
-  _globals['_FORKSERVEREVENT_EXITED']._serialized_end=977
-  _globals['_FORKSERVEREVENT_REJECTED']._serialized_start=979
-  _globals['_FORKSERVEREVENT_REJECTED']._serialized_end=1020
+  _globals['_WORKERSETTINGS']._serialized_end=581
+  _globals['_FORKREQUEST']._serialized_start=583
+  _globals['_FORKREQUEST']._serialized_end=641
+  _globals['_FORKSERVEREVENT']._serialized_start=644
+  _globals['_FORKSERVEREVENT']._serialized_end=1043
+  _globals['_FORKSERVEREVENT_READY']._serialized_start=879
+  _globals['_FORKSERVEREVENT_READY']._serialized_end=924
+  _globals['_FORKSERVEREVENT_STARTED']._serialized_start=926
+  _globals['_FORKSERVEREVENT_STARTED']._serialized_end=948
+  _globals['_FORKSERVEREVENT_EXITED']._serialized_start=950
+  _globals['_FORKSERVEREVENT_EXITED']._serialized_end=991
+  _globals['_FORKSERVEREVENT_REJECTED']._serialized_start=993
+  _globals['_FORKSERVEREVENT_REJECTED']._serialized_end=1034
 # @@protoc_insertion_point(module_scope)

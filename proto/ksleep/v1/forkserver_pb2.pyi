@@ -6,7 +6,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerSettings(_message.Message):
-    __slots__ = ("model", "device", "dtype", "keep_layers", "cache_dir", "model_dir", "shm_dir", "pool_prefix", "vmm", "trust_remote_code", "socket_path", "supervisor_pid", "start_asleep", "log_level", "cuda_graphs", "standby", "skip_wake_checksums", "kv_cache", "max_batch", "max_queue", "prefill_chunk", "fused_kernels", "pool_format", "weights_version")
+    __slots__ = ("model", "device", "dtype", "keep_layers", "cache_dir", "model_dir", "shm_dir", "pool_prefix", "vmm", "trust_remote_code", "socket_path", "supervisor_pid", "start_asleep", "log_level", "cuda_graphs", "standby", "skip_wake_checksums", "kv_cache", "max_batch", "max_queue", "prefill_chunk", "fused_kernels", "pool_format", "seed", "weights_version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class WorkerSettings(_message.Message):
     PREFILL_CHUNK_FIELD_NUMBER: _ClassVar[int]
     FUSED_KERNELS_FIELD_NUMBER: _ClassVar[int]
     POOL_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     device: str
@@ -54,8 +55,9 @@ class WorkerSettings(_message.Message):
     prefill_chunk: int
     fused_kernels: str
     pool_format: str
+    seed: int
     weights_version: int
-    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., keep_layers: _Optional[int] = ..., cache_dir: _Optional[str] = ..., model_dir: _Optional[str] = ..., shm_dir: _Optional[str] = ..., pool_prefix: _Optional[str] = ..., vmm: _Optional[str] = ..., trust_remote_code: _Optional[bool] = ..., socket_path: _Optional[str] = ..., supervisor_pid: _Optional[int] = ..., start_asleep: _Optional[bool] = ..., log_level: _Optional[str] = ..., cuda_graphs: _Optional[str] = ..., standby: _Optional[bool] = ..., skip_wake_checksums: _Optional[bool] = ..., kv_cache: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., prefill_chunk: _Optional[int] = ..., fused_kernels: _Optional[str] = ..., pool_format: _Optional[str] = ..., weights_version: _Optional[int] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., keep_layers: _Optional[int] = ..., cache_dir: _Optional[str] = ..., model_dir: _Optional[str] = ..., shm_dir: _Optional[str] = ..., pool_prefix: _Optional[str] = ..., vmm: _Optional[str] = ..., trust_remote_code: _Optional[bool] = ..., socket_path: _Optional[str] = ..., supervisor_pid: _Optional[int] = ..., start_asleep: _Optional[bool] = ..., log_level: _Optional[str] = ..., cuda_graphs: _Optional[str] = ..., standby: _Optional[bool] = ..., skip_wake_checksums: _Optional[bool] = ..., kv_cache: _Optional[str] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., prefill_chunk: _Optional[int] = ..., fused_kernels: _Optional[str] = ..., pool_format: _Optional[str] = ..., seed: _Optional[int] = ..., weights_version: _Optional[int] = ...) -> None: ...
 
 class ForkRequest(_message.Message):
     __slots__ = ("settings",)
