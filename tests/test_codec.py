@@ -107,3 +107,11 @@ def test_the_triton_kernel_decodes_bit_for_bit_in_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_a_chunk_coded_in_several_slices_is_the_same_chunk(monkeypatch):
+    values = (torch.randn(5 * codec.GROUP - 7, generator=torch.Generator().manual_seed(5)) * 0.02).to(torch.bfloat16)
+    whole = codec.encode(values)
+    monkeypatch.setattr(codec, "ENCODE_SLICE", 2 * codec.GROUP)  # three slices, the last one short
+    sliced = round_trip(values)
+    assert torch.equal(sliced.words, whole.words) and torch.equal(sliced.lane_bits, whole.lane_bits)

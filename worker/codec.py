@@ -118,6 +118,9 @@ def decode_table(lengths: torch.Tensor) -> torch.Tensor:
     return table
 
 
+ENCODE_SLICE = 64 * GROUP  # values coded at a time: bounds the encoder's temporaries (~0.4 GB on a GPU)
+
+
 def encode(values: torch.Tensor) -> PackedChunk:
     """Pack bf16 `values` (any shape, any device; the chunk's arrays stay on that device)."""
     exponent, sm = split(values)
@@ -130,26 +133,34 @@ def encode(values: torch.Tensor) -> PackedChunk:
     groups = max(1, -(-count // GROUP))
     padded = torch.full((groups * GROUP,), int(histogram.argmax()), dtype=torch.int64, device=device)
     padded[:count] = exponent
-    # lane order: lane j of a group takes the group's values j, j + LANES, ...
-    in_lanes = padded.view(groups, LANE_SYMBOLS, LANES).transpose(1, 2).reshape(-1)
+    del exponent
     # one table lookup per value (torch.take: far cheaper than advanced indexing on CPU): code << 4 | length
-    entry = torch.take(torch.tensor([c << 4 | n for c, n in zip(canonical_codes(lengths), lengths)],
-                                    dtype=torch.int64, device=device), in_lanes)
-    del padded, in_lanes
-    n, code = entry & 0xF, entry >> 4
-    ends = torch.cumsum(n, 0)
-    starts = ends - n
-    total = int(ends[-1])
-    lane_bits = torch.cat([starts[::LANE_SYMBOLS], ends[-1:]])
-    # Each code lands in its word, and the bits that do not fit there in the next one; codes never overlap, so
-    # adding the pieces into the words sets exactly their bits.
+    table = torch.tensor([c << 4 | n for c, n in zip(canonical_codes(lengths), lengths)], dtype=torch.int64, device=device)
+    total = int((torch.bincount(padded, minlength=256) * table.bitwise_and(0xF)).sum())  # the stream's bits
     words = torch.zeros(total // 32 + 3, dtype=torch.int64, device=device)
-    word = starts >> 5
-    room = 32 - (starts & 31) - n  # bits left in the word after the code; negative: it spills into the next word
-    del starts, ends
-    words.index_add_(0, word, torch.where(room >= 0, code << room.clamp(min=0), code >> (-room).clamp(min=0)))
-    spill = (room < 0).nonzero().squeeze(1)
-    words.index_add_(0, word[spill] + 1, (code[spill] << (32 + room[spill])) & _MASK32)
+    lane_bits = torch.empty(groups * LANES + 1, dtype=torch.int64, device=device)
+    lane_bits[-1] = total
+    offset = 0
+    for lo in range(0, groups * GROUP, ENCODE_SLICE):  # whole groups at a time, each slice's bits after the last's
+        piece = padded[lo:lo + ENCODE_SLICE]
+        # lane order: lane j of a group takes the group's values j, j + LANES, ...
+        in_lanes = piece.view(-1, LANE_SYMBOLS, LANES).transpose(1, 2).reshape(-1)
+        entry = torch.take(table, in_lanes)
+        del in_lanes
+        n, code = entry & 0xF, entry >> 4
+        del entry
+        starts = torch.cumsum(n, 0) - n + offset
+        offset += int(n.sum())
+        lane_bits[lo // LANE_SYMBOLS:(lo + piece.numel()) // LANE_SYMBOLS] = starts[::LANE_SYMBOLS]
+        # Each code lands in its word, and the bits that do not fit there in the next one; codes never overlap, so
+        # adding the pieces into the words sets exactly their bits.
+        word = starts >> 5
+        room = 32 - (starts & 31) - n  # bits left in the word after the code; negative: it spills into the next word
+        del starts, n
+        words.index_add_(0, word, torch.where(room >= 0, code << room.clamp(min=0), code >> (-room).clamp(min=0)))
+        spill = (room < 0).nonzero().squeeze(1)
+        words.index_add_(0, word[spill] + 1, (code[spill] << (32 + room[spill])) & _MASK32)
+        del word, room, code, spill
     return PackedChunk(count, torch.tensor(lengths, dtype=torch.uint8), _as_int32(lane_bits), _as_int32(words), sm)
 
 

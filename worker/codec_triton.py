@@ -21,6 +21,7 @@ from .codec import GROUP as GROUP_VALUES
 from .codec import LANE_SYMBOLS, LANES, MAX_CODE_BITS
 
 log = logging.getLogger(__name__)
+_WARPS = max(1, LANES // (64 if torch.version.hip else 32))  # one thread per lane (AMD wavefronts are 64 wide)
 
 try:
     import triton
@@ -37,7 +38,9 @@ def available(device: torch.device) -> bool:
 
 
 if triton is not None:
-    @triton.jit
+    # count and n_words vary from chunk to chunk: not specialized on, so that one compiled kernel (warmed up by
+    # the self-test) serves every chunk
+    @triton.jit(do_not_specialize=["n_words", "count"])
     def _decode_kernel(words, n_words, lane_bits, table, sign_mantissa, out, count,
                        LANES: tl.constexpr, LANE_SYMBOLS: tl.constexpr, CODE_BITS: tl.constexpr):
         group = tl.program_id(0)
@@ -69,7 +72,7 @@ def decode_into(out: torch.Tensor, words: torch.Tensor, lane_bits: torch.Tensor,
         raise ValueError(f"out holds {out.numel()} values, the chunk {count}")
     groups = (lane_bits.numel() - 1) // LANES
     _decode_kernel[(groups,)](words, words.numel(), lane_bits, table, sign_mantissa, out.view(torch.int16), count,
-                              LANES=LANES, LANE_SYMBOLS=LANE_SYMBOLS, CODE_BITS=MAX_CODE_BITS, num_warps=LANES // 32)
+                              LANES=LANES, LANE_SYMBOLS=LANE_SYMBOLS, CODE_BITS=MAX_CODE_BITS, num_warps=_WARPS)
 
 
 _self_tests: dict[torch.device, bool] = {}
@@ -89,7 +92,7 @@ def _run_self_test(device: torch.device) -> bool:
     from .codec import decode_table, encode
 
     generator = torch.Generator().manual_seed(0)
-    values = (torch.randn(GROUP_VALUES + 77, generator=generator) * 0.02).to(torch.bfloat16)
+    values = (torch.randn(2 * GROUP_VALUES, generator=generator) * 0.02).to(torch.bfloat16)
     try:
         chunk = encode(values.to(device))
         out = torch.empty(values.numel(), dtype=torch.int16, device=device)

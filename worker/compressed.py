@@ -21,6 +21,7 @@ from dataclasses import astuple, dataclass
 import torch
 
 from . import codec, codec_triton
+from .errors import DeviceMemoryError
 from .fill import Chunk, plan_chunks
 from .layout import ArenaLayout
 
@@ -84,6 +85,8 @@ def resolve(pool_format: str, device: torch.device, dtype: torch.dtype) -> str:
     """The pool format to use: `auto` is compressed where the GPU decoder runs (bf16 weights), raw elsewhere."""
     if pool_format == COMPRESSED and dtype != torch.bfloat16:
         raise ValueError(f"pool_format=compressed codes bfloat16 weights; this model is loaded as {dtype}")
+    if pool_format == COMPRESSED and device.type == "cuda":
+        codec_triton.self_test(device)  # now, not in the first wake (False: decoded with plain torch, slowly)
     if pool_format != "auto":
         return pool_format
     return COMPRESSED if dtype == torch.bfloat16 and device.type == "cuda" and codec_triton.self_test(device) else RAW
@@ -129,9 +132,10 @@ def decode_chunk(entry: ChunkEntry, record: torch.Tensor, dst: torch.Tensor) -> 
     """Expand a coded record into `dst` (uint8, the chunk's arena bytes), on dst's device: the Triton kernel on a
     GPU (queued on the current stream), the torch reference decoder on CPU."""
     table, lane_bits, words, sm = entry.views(record)
-    if dst.device.type == "cuda":
+    if dst.device.type == "cuda" and codec_triton.self_test(dst.device):
         codec_triton.decode_into(dst.view(torch.int16), words, lane_bits, table, sm)
         return
+    # CPU, or a GPU where the Triton kernel does not run (pool_format=compressed asked for anyway): plain torch
     chunk = codec.PackedChunk(entry.values, torch.empty(0), lane_bits, words, sm)
     dst.view(torch.bfloat16).copy_(codec.decode(chunk, table))
 
@@ -141,7 +145,10 @@ class DeviceRing:
     only once the decode that read it is done (an event, waited on by the copy stream: the host never waits)."""
 
     def __init__(self, device: torch.device, slot_bytes: int = CHUNK_BYTES, slots: int = RING_SLOTS):
-        self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
+        try:
+            self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
+        except torch.OutOfMemoryError as exc:  # the wake fails and the model stays asleep, as for the arena
+            raise DeviceMemoryError(f"no room on {device} for the wake's {slot_bytes * slots:,}-byte decode ring") from exc
         self._freed: list[torch.cuda.Event | None] = [None] * slots
         self._next = 0
         self.nbytes = slot_bytes * slots
@@ -174,8 +181,9 @@ def check_entries(entries: list[ChunkEntry], layout: ArenaLayout, file_bytes: in
     for e in entries:
         if e.offset + e.nbytes > file_bytes:
             raise ValueError(f"chunk at {e.start:,} lies past the end of the file")
-        if e.coded and e.nbytes != e.sections()[3] + e.values:
-            raise ValueError(f"chunk at {e.start:,} has an inconsistent size")
+        if e.coded and (e.nbytes != e.sections()[3] + e.values or e.nbytes >= e.end - e.start or e.words < 3
+                        or e.lanes != -(-e.values // codec.GROUP) * codec.LANES):
+            raise ValueError(f"chunk at {e.start:,} has inconsistent sizes")
         if not e.coded and e.nbytes != e.end - e.start:
             raise ValueError(f"raw chunk at {e.start:,} has the wrong size")
 

@@ -80,6 +80,8 @@ class ArenaFill:
                 from .compressed import DeviceRing
 
                 self._ring = DeviceRing(self.device)
+            # after what the current stream queued: the ring's slots (and the arena's blocks) are its allocations
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self._copy_stream):
                 self._queue_all()
         else:

@@ -93,6 +93,8 @@ def stage_pool(weights, source) -> tuple[WeightPool, str]:
         sums = block_sums(host).numpy()
         if coded:  # coded where the arena lives (on a GPU: fast), one chunk at a time
             entries, records = compressed.encode_arena(layout, lambda c: host[c.start:c.end].to(weights.device))
+            if weights.device.type == "cuda":
+                torch.cuda.empty_cache()  # the encoder's temporaries
             manifest = PoolManifest(name, source.identity, str(config.torch_dtype), layout, sums, time.time(),
                                     compressed.COMPRESSED, entries)
             pool = WeightPool.create(config.shm_dir, name, manifest.file_bytes)

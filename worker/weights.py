@@ -111,6 +111,8 @@ class WeightStore:
     def _publish_compressed(self) -> WeightPool:
         """Code the arena chunk by chunk (on its device) and write the compressed pool from the records."""
         entries, records = compressed.encode_arena(self.layout, self.arena.chunk_bytes)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the encoder's temporaries: room for the KV cache's pieces mapped later
         self.phases.mark("encode")
         manifest = PoolManifest(self.pool_name, self.source.identity, str(self.config.torch_dtype), self.layout,
                                 self._expected.cpu().numpy(), time.time(), compressed.COMPRESSED, entries)
@@ -321,9 +323,9 @@ class WeightStore:
         if self.state is WeightState.CLOSED:
             return
         self._gate.disarm()
-        self._fill = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # no copy in flight may still write into what is freed below
+        self._fill = None
         self.skeleton.unbind()
         self.arena.close()
         if self._staging is not None:
