@@ -80,7 +80,7 @@ def run_bench(client: Client, settings: BenchSettings, step=lambda message: None
             "freed_worker_bytes": None if awake.worker_device_bytes is None else
             awake.worker_device_bytes - (asleep.worker_device_bytes or 0),
             "ttft_seconds": out.ttft_seconds, "total_seconds": out.total_seconds, "sent_unix": sent,
-            "woke": out.woke, "identical": out.token_ids == base.token_ids,
+            "woke": out.woke, "identical": out.token_ids == base.token_ids, "text": out.text,
             "first_difference": next((j for j, (a, b) in enumerate(zip(out.token_ids, base.token_ids)) if a != b),
                                      None if len(out.token_ids) == len(base.token_ids) else min(len(out.token_ids), len(base.token_ids))),
             "device_used_after_wake": after.device_used_bytes, "worker_device_after_wake": after.worker_device_bytes,

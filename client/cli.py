@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from .client import Client
@@ -173,6 +174,8 @@ def bench_summary(r: dict) -> Table:
     table.add_row("TTFT after sleep", f"min {t['min']:.3f} / median {t['median']:.3f} / p90 {t['p90']:.3f} / max {t['max']:.3f} s "
                   f"({len(r['cycles'])} wakes, level {r['settings']['level']})")
     table.add_row("outputs", "identical to the baseline" if r["identical"] else "[bold red]DIFFERENT from the baseline[/]")
+    table.add_row("baseline text", escape(repr(r["baseline"]["text"])))  # what was compared, as the reference prints it
+    table.add_row("text after wake", escape(repr(r["cycles"][-1]["text"])))
     table.add_row("memory after wake", "back to the awake figure (1 %)" if r["memory_back_within_1pct"] else "[yellow]not back within 1 %[/]")
     if "naive" in r:
         n = r["naive"]

@@ -36,7 +36,9 @@ def resolve_address(address: str | None = None) -> str:
 def build_request(prompt: str | Sequence[int] | Sequence[dict], *, max_tokens: int | None = None,
                   temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                   seed: int | None = None, stop: str | Sequence[str] | None = None,
-                  ignore_eos: bool | None = None, model: str = "") -> ksleep_pb2.GenerateRequest:
+                  ignore_eos: bool | None = None, model: str = "", min_tokens: int | None = None,
+                  repetition_penalty: float | None = None,
+                  stop_token_ids: Sequence[int] | None = None) -> ksleep_pb2.GenerateRequest:
     """A GenerateRequest from text, token ids or chat messages ([{"role": ..., "content": ...}]); `model` picks
     one of a daemon's models (default: its first)."""
     if isinstance(prompt, str):
@@ -47,9 +49,11 @@ def build_request(prompt: str | Sequence[int] | Sequence[dict], *, max_tokens: i
     else:
         wire = common_pb2.Prompt(token_ids=common_pb2.Prompt.TokenIds(ids=list(prompt)))
     params = {k: v for k, v in dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                    seed=seed, ignore_eos=ignore_eos).items() if v is not None}
+                                    seed=seed, ignore_eos=ignore_eos, min_tokens=min_tokens,
+                                    repetition_penalty=repetition_penalty).items() if v is not None}
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    return ksleep_pb2.GenerateRequest(prompt=wire, params=common_pb2.SamplingParams(stop=stops, **params), model=model)
+    return ksleep_pb2.GenerateRequest(prompt=wire, model=model, params=common_pb2.SamplingParams(
+        stop=stops, stop_token_ids=list(stop_token_ids or []), **params))
 
 
 def _sleep_request(level: int | None, abort: bool, model: str = "") -> ksleep_pb2.SleepRequest:

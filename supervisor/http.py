@@ -237,6 +237,20 @@ def build_app(config: DaemonConfig, service: KsleepService) -> FastAPI:
             return wrong
         return {"is_sleeping": models.get(model).snapshot().asleep}
 
+    @app.get("/health/live")
+    async def live():
+        """Liveness: the daemon answers (asleep, loading or restarting a worker included)."""
+        return {"status": "ok"}
+
+    @app.get("/health/ready")
+    async def ready():
+        """Readiness: a request sent now would be served (every model awake, or asleep and able to wake)."""
+        snapshots = {name: lc.snapshot() for name, lc in models.lifecycles.items()}
+        serving = all(now.serving for now in snapshots.values())
+        return JSONResponse({"status": "ok" if serving else "unavailable",
+                             "models": {name: state_name(now.state) for name, now in snapshots.items()}},
+                            status_code=200 if serving else 503)
+
     @app.get("/health")
     async def health():
         now = models.default.snapshot()

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ksleep.v1 import common_pb2, ksleep_pb2
 from ksleep.worker.errors import ValidationError
-from ksleep.worker.limits import MAX_STOP_CHARS, MAX_STOP_STRINGS
+from ksleep.worker.limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 
 
 class _Sampling(BaseModel):
@@ -21,7 +21,12 @@ class _Sampling(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=0, lt=2**32)  # (the wire's uint32)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)  # OpenAI's newer name for max_tokens
     ignore_eos: bool | None = None  # vLLM's extension: keep going past the end-of-sequence token
+    # vLLM's sampling extensions, with its meaning (benchmark tools such as evalscope send them)
+    min_tokens: int | None = Field(default=None, ge=0, le=1_000_000)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=100.0, allow_inf_nan=False)
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**32)]] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, bool] | None = None
@@ -40,9 +45,13 @@ class _Sampling(BaseModel):
         return stops
 
     def sampling_pb(self) -> common_pb2.SamplingParams:
-        fields = {k: getattr(self, k) for k in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos")
-                  if getattr(self, k) is not None}
-        return common_pb2.SamplingParams(stop=self.stop or [], **fields)
+        if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
+            raise ValidationError("max_tokens and max_completion_tokens disagree; send one of them")
+        fields = {k: getattr(self, k) for k in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos",
+                                                "min_tokens", "repetition_penalty") if getattr(self, k) is not None}
+        if self.max_completion_tokens is not None:
+            fields["max_tokens"] = self.max_completion_tokens
+        return common_pb2.SamplingParams(stop=self.stop or [], stop_token_ids=self.stop_token_ids or [], **fields)
 
     @property
     def include_usage(self) -> bool:

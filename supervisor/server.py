@@ -16,6 +16,7 @@ from ksleep.worker.errors import KsleepError, ValidationError
 from ksleep.worker.generation import SamplingParams, check_request, prompt_from_pb
 from ksleep.worker.interceptor import ErrorInterceptor
 from ksleep.worker.limits import PAD_TOKENS
+from ksleep.worker.names import finish_name
 
 from .auth import ControlTokenInterceptor
 from .config import DaemonConfig
@@ -25,6 +26,7 @@ from .registry import ModelRegistry
 
 log = logging.getLogger("ksleep.server")
 SERVICE = ksleep_pb2.DESCRIPTOR.services_by_name["Ksleep"].full_name
+LIVE, READY = "live", "ready"  # health service names for orchestrators' liveness and readiness probes
 MAX_MESSAGE = 16 << 20  # bytes; a prompt beyond the context is refused by the worker anyway
 ASLEEP_CODES = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DATA_LOSS)
 RETRIES = 2  # times a request is replayed on a new worker when its worker died before its first token
@@ -105,6 +107,7 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
         prompt_tokens = completion = 0
         ttft = None
         weights = None
+        gaps, last_at = [], None
         try:
             async for response in call:
                 token = response.token
@@ -112,6 +115,10 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
                 if weights is None:
                     weights = response.weights  # on the first message: the request's weights throughout
                 completion += 1
+                now = time.perf_counter()
+                if last_at is not None:
+                    gaps.append(now - last_at)  # inter-token latency, as the client sees it leave
+                last_at = now
                 if ttft is None:
                     ttft = ticket.first_token_seconds = token.elapsed_seconds
                 message = ksleep_pb2.GenerateResponse(token=token)
@@ -120,9 +127,8 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
                     message.summary.CopyFrom(ksleep_pb2.GenerateSummary(
                         prompt_tokens=prompt_tokens, completion_tokens=completion, ttft_seconds=ttft,
                         total_seconds=total, woke=ticket.woke, weights=weights))
-                    self.metrics.ttft_seconds.observe(ttft)
-                    self.metrics.request_seconds.observe(total)
-                    self.metrics.tokens.inc(completion)
+                    self.metrics.request_done(lifecycle.config.name, ttft, total, gaps, prompt_tokens, completion,
+                                              finish_name(token.finish_reason))
                 yield message
         except BaseException as exc:
             # A cancelled worker call raises CancelledError: ours when SLEEP_MODE_ABORT did it.
@@ -175,8 +181,9 @@ def status_message(models: ModelRegistry | Lifecycle, include_history: bool = Fa
 
 class LifecycleHealth(health_aio.HealthServicer):
     """grpc.health.v1 that tells the truth: SERVING while a request would be served (awake, or asleep and able
-    to wake), NOT_SERVING while the worker is down or restarting and once shutting down; for "" and the Ksleep
-    service alike. Check reads the lifecycle's snapshot; Watch follows its state changes."""
+    to wake), NOT_SERVING while the worker is down or restarting and once shutting down; for "", the Ksleep
+    service and "ready" alike. "live" is SERVING while the daemon answers at all (until it shuts down). Check
+    reads the lifecycle's snapshot; Watch follows its state changes."""
 
     def __init__(self, lifecycle: Lifecycle):
         super().__init__()
@@ -188,14 +195,20 @@ class LifecycleHealth(health_aio.HealthServicer):
         serving = self._lifecycle.snapshot().serving and not self._shutting_down
         return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
 
+    def _live(self) -> int:
+        return health_pb2.HealthCheckResponse.NOT_SERVING if self._shutting_down else health_pb2.HealthCheckResponse.SERVING
+
     async def refresh(self) -> None:
         """Tell the watchers the status of now."""
         status = self._status()
-        for name in ("", SERVICE):
+        for name in ("", SERVICE, READY):
             await self.set(name, status)
+        await self.set(LIVE, self._live())
 
     async def Check(self, request, context):
-        if request.service not in ("", SERVICE):
+        if request.service == LIVE:  # liveness: the daemon answers (restart it when it does not)
+            return health_pb2.HealthCheckResponse(status=self._live())
+        if request.service not in ("", SERVICE, READY):
             return await super().Check(request, context)  # NOT_FOUND
         return health_pb2.HealthCheckResponse(status=self._status())
 

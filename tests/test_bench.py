@@ -23,6 +23,8 @@ def test_bench_spawns_measures_and_reports(tmp_path):
     assert set(r["ttft_after_sleep"]) == {"min", "median", "p90", "max"}
     assert r["baseline"]["token_ids"] and r["weight_bytes"] > 0 and r["freed_median_bytes"] is not None
     assert {h["state"] for h in r["history"]} >= {"awake", "asleep"}
+    assert "baseline text" in out.stdout and "text after wake" in out.stdout  # what was compared, shown
+    assert r["cycles"][-1]["text"] == r["baseline"]["text"]
     report = (tmp_path / "report" / "report.md").read_text()
     assert "TTFT after sleep" in report and "memory.png" in report
     png = (tmp_path / "report" / "memory.png").read_bytes()

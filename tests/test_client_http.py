@@ -153,6 +153,8 @@ def test_openai_client_completions_and_chat_match_grpc(daemon, client):
     "not json", '{"prompt": 5}', '{"prompt": "x", "max_tokens": -1}', '{"prompt": "x", "temperature": "hot"}',
     '{"prompt": "x", "top_p": 1.5}', '{"prompt": "x", "unknown_field": 1}', '{"prompt": ""}', '[]',
     '{"prompt": "x", "max_tokens": 100000}', '{"prompt": "x", "n": 3}',
+    '{"prompt": "x", "max_tokens": 4, "max_completion_tokens": 5}', '{"prompt": "x", "min_tokens": 9, "max_tokens": 4}',
+    '{"prompt": "x", "repetition_penalty": 0}', '{"prompt": "x", "stop_token_ids": [-2]}',
 ])
 def test_bad_http_input_is_a_400_with_an_openai_error(daemon, body):
     r = httpx.post(daemon.http + "/v1/completions", content=body, headers={"content-type": "application/json"})
@@ -207,6 +209,7 @@ def test_vllm_sleep_endpoints_auto_wake_and_metrics(daemon):
     assert http.post("/sleep", params={"level": 1}).status_code == 401
     assert http.post("/sleep", params={"level": 1}, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
     assert http.get("/is_sleeping").json() == {"is_sleeping": True}
+    assert vllm_samples(http, "vllm:engine_sleep_state") == {"awake": 0.0, "weights_offloaded": 1.0, "discard_all": 0.0}
     r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     assert http.get("/is_sleeping").json() == {"is_sleeping": False}
@@ -220,6 +223,37 @@ def test_vllm_sleep_endpoints_auto_wake_and_metrics(daemon):
     assert after['ksleep_state'] in (0.0, 1.0) and after["ksleep_wake_seconds_count"] >= 1
     assert after["ksleep_ttft_seconds_count"] > before.get("ksleep_ttft_seconds_count", 0)
     assert any(k.startswith("ksleep_request_errors") for k in after)
+    # vLLM's names and labels, which its dashboards and routers read
+    assert vllm_samples(http, "vllm:engine_sleep_state") == {"awake": 1.0, "weights_offloaded": 0.0, "discard_all": 0.0}
+    assert after["vllm:generation_tokens_total"] >= before.get("vllm:generation_tokens_total", 0) + 4
+    assert after["vllm:time_to_first_token_seconds_count"] >= 1 and after["vllm:e2e_request_latency_seconds_count"] >= 1
+    assert after["vllm:inter_token_latency_seconds_count"] >= 3 and "vllm:kv_cache_usage_perc" in after
+    families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+    sample = families["vllm:num_requests_running"].samples[0]
+    assert sample.labels == {"model_name": "synthetic:tiny", "engine": "0"}
+
+
+def test_vllm_sampling_extensions_are_accepted_on_both_endpoints(daemon):
+    # what evalscope perf and other vLLM benchmark clients send
+    extras = {"min_tokens": 8, "ignore_eos": True, "top_k": 5, "repetition_penalty": 1.1, "stop_token_ids": [7]}
+    done = httpx.post(daemon.http + "/v1/completions", json={"prompt": PROMPT, "max_completion_tokens": 8, **extras})
+    assert done.status_code == 200, done.text
+    assert done.json()["usage"]["completion_tokens"] == 8
+    chat = httpx.post(daemon.http + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **extras})
+    assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 8, chat.text
+
+
+def test_liveness_and_readiness_routes(daemon):
+    http = httpx.Client(base_url=daemon.http)
+    assert http.get("/health/live").json() == {"status": "ok"}
+    ready = http.get("/health/ready")
+    assert ready.status_code == 200 and ready.json()["models"]["synthetic:tiny"] in ("awake", "asleep")
+
+
+def vllm_samples(http, name: str) -> dict:
+    family = next(f for f in text_string_to_metric_families(http.get("/metrics").text) if f.name == name)
+    return {s.labels["sleep_state"]: s.value for s in family.samples}
 
 
 def test_unix_socket_is_private(daemon):

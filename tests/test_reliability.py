@@ -220,7 +220,9 @@ def test_health_says_not_serving_while_the_worker_is_down_and_serving_again_afte
     assert next(watch).status == SERVING
     os.kill(daemon.status().worker_pid, signal.SIGKILL)
     assert next(watch).status == NOT_SERVING  # the worker is dead: a request would wait for its restart
+    assert health.Check(health_pb2.HealthCheckRequest(service="live"), timeout=5).status == SERVING  # ksleepd is
     assert next(watch).status == SERVING  # restarted from the pool
+    assert health.Check(health_pb2.HealthCheckRequest(service="ready"), timeout=5).status == SERVING
     watch.cancel()
     daemon.stub.Sleep(ksleep_pb2.SleepRequest(level=1), timeout=60)
     assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING  # asleep still serves

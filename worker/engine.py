@@ -164,7 +164,8 @@ class Engine:
                 self._fail(list(self.scheduler.running) + list(self.scheduler.waiting), exc)
                 return None
             raise
-        return step, self.sampler.launch(logits, step.sampled, [step.rows[i] for i in step.sampled])
+        return step, self.sampler.launch(logits, step.sampled, [step.rows[i] for i in step.sampled],
+                                         ahead=0 if ids is None else 1)  # (ids: the tokens of the step in flight)
 
     def _drain(self) -> None:
         """Account the step in flight, if any, and send what it produced (before anything changes state)."""

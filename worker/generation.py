@@ -12,7 +12,7 @@ from tokenizers.decoders import DecodeStream
 from ksleep.v1 import common_pb2
 
 from .errors import ValidationError
-from .limits import MAX_MESSAGES, MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_STOP_CHARS, MAX_STOP_STRINGS
+from .limits import MAX_MESSAGES, MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS, MAX_STOP_STRINGS
 from .names import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, FINISH_TO_PB  # noqa: F401 - FINISH_STOP: re-exported
 
 
@@ -27,6 +27,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens are out
+    repetition_penalty: float = 1.0  # 1: off
+    stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -39,6 +42,15 @@ class SamplingParams:
             raise ValidationError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
             raise ValidationError(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValidationError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        if (not isinstance(self.repetition_penalty, (int, float)) or not math.isfinite(self.repetition_penalty)
+                or self.repetition_penalty <= 0):
+            raise ValidationError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or any(
+                isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise ValidationError(f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} token ids >= 0")
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValidationError("stop strings must be non-empty strings")
@@ -53,9 +65,14 @@ class SamplingParams:
     @classmethod
     def from_pb(cls, pb: common_pb2.SamplingParams) -> SamplingParams:
         """Unset fields take the defaults; values are validated (ValueError) as for a direct call."""
-        fields = {name: getattr(pb, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos")
-                  if pb.HasField(name)}
-        return cls(stop=tuple(pb.stop), **fields)
+        fields = {name: getattr(pb, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos",
+                                                       "min_tokens", "repetition_penalty") if pb.HasField(name)}
+        return cls(stop=tuple(pb.stop), stop_token_ids=tuple(pb.stop_token_ids), **fields)
+
+    @property
+    def needs_history(self) -> bool:
+        """Its draws depend on its tokens so far (a penalty on them, or masks until min_tokens)."""
+        return self.repetition_penalty != 1.0 or self.min_tokens > 0
 
 
 def prompt_from_pb(pb: common_pb2.Prompt) -> str | list[int] | list[dict]:
@@ -175,14 +192,16 @@ class TokenWriter:
         known without detokenising. Stop strings are found by `push`."""
         if token_id in self.eos_ids and not self.params.ignore_eos:
             return FINISH_EOS
+        if token_id in self.params.stop_token_ids:
+            return FINISH_STOP
         return FINISH_LENGTH if count >= self.params.max_tokens else None
 
     def push(self, token_id: int, now: float | None = None) -> TokenEvent:
         index, self.index = self.index, self.index + 1
         elapsed = (time.perf_counter() if now is None else now) - self.started
         finish = self.ends(token_id, index + 1)
-        if finish == FINISH_EOS:
-            text = self._scanner.flush()
+        if finish == FINISH_EOS or (finish == FINISH_STOP and token_id in self.params.stop_token_ids):
+            text = self._scanner.flush()  # (the ending token itself is not text)
         else:
             text, hit = self._scanner.feed(self._decoder.step(self._backend, token_id) or "")
             if hit:

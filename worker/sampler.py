@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import RepetitionPenaltyLogitsProcessor
 
 from .sequence import Sequence
 
@@ -23,14 +24,23 @@ class Sampler:
         """The next token of each `rows[j]` of `logits` ([S, vocab]; `seqs[j]` owns that row), on the host."""
         return self.collect(self.launch(logits, rows, seqs))
 
-    def launch(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> Draw | None:
+    def launch(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence], ahead: int = 0) -> Draw | None:
         """Queue the draws and their copy to the host; `collect` waits for them. The draw's `tokens` stay on the
-        device, in row order, for a step queued before they reach the host."""
+        device, in row order, for a step queued before they reach the host. `ahead`: tokens each sequence has
+        drawn that are not in its output yet (a step queued behind the one in flight)."""
         if not rows:
             return None
         picked = logits[rows] if len(rows) != logits.shape[0] else logits
-        tokens = picked.argmax(dim=-1)
         errors: dict[int, BaseException] = {}
+        if any(seq.params.needs_history for seq in seqs):
+            picked = picked.clone()  # (the forward's logits are inference tensors: shaped on a copy)
+        for j, seq in enumerate(seqs):
+            if seq.params.needs_history:
+                try:
+                    self._shape(picked, j, seq, ahead)
+                except Exception as exc:  # noqa: BLE001 - this request alone fails
+                    errors[j] = exc
+        tokens = picked.argmax(dim=-1)
         for j, seq in enumerate(seqs):
             if seq.warpers is None:
                 continue
@@ -51,6 +61,21 @@ class Sampler:
         ready = torch.cuda.Event()
         ready.record()
         return Draw(tokens, host, ready, errors)
+
+    def _shape(self, picked: torch.Tensor, j: int, seq: Sequence, ahead: int) -> None:
+        """vLLM's min_tokens (EOS and stop_token_ids masked until that many tokens are out) and repetition penalty
+        (CTRL's, over the prompt and the output: transformers' processor), on row j, in place. Sequences that need
+        a penalty are never queued ahead (scheduler.follow), so their output here is complete; a min_tokens mask is
+        needed ahead only once it has ended (`ahead` counts the token in flight)."""
+        params, vocab = seq.params, picked.shape[-1]
+        row = picked[j: j + 1]
+        if params.repetition_penalty != 1.0:
+            history = torch.tensor([seq.prompt + seq.output], dtype=torch.long, device=picked.device)
+            row.copy_(RepetitionPenaltyLogitsProcessor(float(params.repetition_penalty))(history, row.float()))
+        if len(seq.output) + ahead < params.min_tokens:
+            banned = [t for t in (*(() if params.ignore_eos else seq.writer.eos_ids), *params.stop_token_ids) if t < vocab]
+            if banned:
+                row[0, banned] = float("-inf")
 
     def collect(self, drawn: Draw | None) -> list[int | BaseException]:
         if drawn is None:

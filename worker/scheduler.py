@@ -133,8 +133,10 @@ class Scheduler:
         batch = step.batch
         if len(batch.tokens) != len(step.rows) or len(step.sampled) != len(step.rows):
             return None
-        if any(seq.finish is not None or len(seq.output) + 2 > seq.params.max_tokens for seq in step.rows):
-            return None
+        if any(seq.finish is not None or len(seq.output) + 2 > seq.params.max_tokens
+               or seq.params.repetition_penalty != 1.0 or len(seq.output) + 1 < seq.params.min_tokens
+               for seq in step.rows):
+            return None  # (a draw that depends on the tokens so far waits for them on the host)
         follow = Batch(batch.tokens, [p + 1 for p in batch.positions], [s + 1 for s in batch.slots], batch.q_lens,
                        batch.kv_starts, [n + 1 for n in batch.kv_lens])
         self.queued_ahead += 1
