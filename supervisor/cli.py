@@ -10,13 +10,12 @@ import socket
 import sys
 from pathlib import Path
 
-
 from .config import DaemonConfig
-from .registry import ModelRegistry
-from .server import KsleepService, build_server
+
+SERVER_EXTRAS = "ksleepd needs the server's packages (torch, transformers...): pip install 'ksleep[server]'"
 
 
-async def start_http(config: DaemonConfig, service: KsleepService):
+async def start_http(config: DaemonConfig, service):
     from .http import HttpFace  # fastapi and uvicorn are imported only when the HTTP face is on
 
     face = HttpFace(config, service)
@@ -69,6 +68,9 @@ def claim_socket(path: Path) -> None:
 
 
 async def serve(config: DaemonConfig) -> int:
+    from .registry import ModelRegistry  # (the server's stack: not in a client-only install)
+    from .server import KsleepService, build_server
+
     if config.unix_socket:
         claim_socket(config.unix_socket)
     models = ModelRegistry.from_config(config)
@@ -117,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s ksleepd %(levelname)s %(name)s: %(message)s")
     try:
         return asyncio.run(serve(config))
+    except ModuleNotFoundError as exc:
+        log.error("%s (%s)", SERVER_EXTRAS, exc)
+        return 2
     except OSError as exc:
         log.error("%s", exc)
         return 1

@@ -3,6 +3,7 @@ live daemon on the tiny model."""
 import asyncio
 import http.client
 import json
+from pathlib import Path
 import os
 import socket
 import stat
@@ -263,3 +264,26 @@ def test_unix_socket_is_private(daemon):
 def test_worker_socket_is_private_too(daemon):
     sockets = list((daemon.socket.parent / "run" / "ksleep").glob("worker-*.sock"))
     assert sockets and all(stat.S_IMODE(os.stat(s).st_mode) == 0o600 for s in sockets)
+
+
+def test_the_client_installs_alone_without_torch_and_talks_to_the_daemon(daemon, tmp_path):
+    """The base distribution is the client: a fresh venv gets grpcio, protobuf and rich, not torch."""
+    import venv
+
+    root = Path(__file__).resolve().parent.parent
+    env = tmp_path / "client-env"
+    venv.create(env, with_pip=True)
+    install = subprocess.run([str(env / "bin" / "python"), "-m", "pip", "install", "-q", str(root)],
+                             capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
+    no_torch = subprocess.run([str(env / "bin" / "python"), "-c", "import torch"], capture_output=True, timeout=60)
+    assert no_torch.returncode != 0  # nothing pulled it in
+    status = subprocess.run([str(env / "bin" / "ksleepctl"), "--address", daemon.address, "status", "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and json.loads(status.stdout)["model"] == "synthetic:tiny", status.stderr
+    out = subprocess.run([str(env / "bin" / "ksleepctl"), "--address", daemon.address, "generate", PROMPT,
+                          "--max-tokens", "4", "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and len(json.loads(out.stdout)["token_ids"]) == 4, out.stderr
+    server = subprocess.run([str(env / "bin" / "ksleepd"), "start", "--model", "synthetic:tiny", "--device", "cpu",
+                             "--listen", f"unix:{tmp_path / 'x.sock'}"], capture_output=True, text=True, timeout=60)
+    assert server.returncode == 2 and "ksleep[server]" in server.stderr
