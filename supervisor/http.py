@@ -3,6 +3,7 @@ control, health and Prometheus metrics. It calls the same KsleepService as the g
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -147,29 +148,44 @@ def build_app(config: DaemonConfig, service: KsleepService) -> FastAPI:
         if (wrong := unknown_model(body.model)) is not None:
             return wrong
         model_name = body.model or models.default.config.name
+        starts = []
         try:
-            request_pb = body.request_pb()
-            request_pb.model = model_name
-            first, rest = await first_and_rest(request_pb)
+            requests = body.choice_requests()
+            for request_pb in requests:
+                request_pb.model = model_name
+            # every choice started before any first token is awaited: they join the batch together
+            starts = [asyncio.ensure_future(first_and_rest(r)) for r in requests]
+            streams = [await s for s in starts]
         except Exception as exc:  # noqa: BLE001 - reported as an HTTP error
+            for s in starts:
+                s.cancel()
+                if s.done() and not s.cancelled() and s.exception() is None:
+                    await s.result()[1].aclose()
             return failed(exc)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         if body.stream:
-            return StreamingResponse(_sse(first, rest, chat, ident, created, model_name, body.include_usage, failed),
+            return StreamingResponse(_sse(streams, chat, ident, created, model_name, body.include_usage, failed),
                                      media_type="text/event-stream")
-        texts, last = [first.token.text], first
-        try:
+
+        async def drain(first, rest):
+            texts, last = [first.token.text], first
             async for message in rest:
                 texts.append(message.token.text)
                 last = message
+            return "".join(texts), last
+
+        try:
+            results = await asyncio.gather(*(drain(first, rest) for first, rest in streams))
         except Exception as exc:  # noqa: BLE001
             return failed(exc)
-        text, finish = "".join(texts), OPENAI_FINISH.get(finish_name(last.token.finish_reason))
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat
-                  else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+        choices = []
+        for i, (text, last) in enumerate(results):
+            finish = OPENAI_FINISH.get(finish_name(last.token.finish_reason))
+            choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                           if chat else {"index": i, "text": text, "logprobs": None, "finish_reason": finish})
         return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": model_name, "choices": [choice], "usage": _usage(last)}
+                "model": model_name, "choices": choices, "usage": _usage([last for _, last in results])}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
@@ -264,37 +280,58 @@ def build_app(config: DaemonConfig, service: KsleepService) -> FastAPI:
     return app
 
 
-def _usage(last: ksleep_pb2.GenerateResponse) -> dict:
-    s = last.summary
-    return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
-            "total_tokens": s.prompt_tokens + s.completion_tokens}
+def _usage(lasts: list[ksleep_pb2.GenerateResponse]) -> dict:
+    """Usage of all choices: the prompt once, every choice's completion tokens."""
+    prompt = lasts[0].summary.prompt_tokens
+    completion = sum(last.summary.completion_tokens for last in lasts)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _sse(first, rest, chat: bool, ident: str, created: int, model: str, include_usage: bool, failed):
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+async def _sse(streams, chat: bool, ident: str, created: int, model: str, include_usage: bool, failed):
+    """Server-sent events in OpenAI's chunk format, every choice's chunks as they come, ending with `data: [DONE]`."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(message: ksleep_pb2.GenerateResponse, first_chunk: bool) -> str:
+    def chunk(index: int, message: ksleep_pb2.GenerateResponse, first_chunk: bool) -> str:
         finish = OPENAI_FINISH.get(finish_name(message.token.finish_reason))
         if chat:
             delta = {"role": "assistant", "content": message.token.text} if first_chunk else {"content": message.token.text}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": message.token.text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": message.token.text, "logprobs": None, "finish_reason": finish}
         return "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": model,
                                       "choices": [choice]}) + "\n\n"
 
-    last = first
-    yield chunk(first, True)
+    merged: asyncio.Queue = asyncio.Queue()  # (index, message | exception | None); unbounded: each choice is bounded
+
+    async def pump(index: int, rest) -> None:
+        try:
+            async for message in rest:
+                await merged.put((index, message))
+            await merged.put((index, None))
+        except Exception as exc:  # noqa: BLE001 - reported in-band below
+            await merged.put((index, exc))
+
+    lasts = [first for first, _ in streams]
+    for i, (first, _) in enumerate(streams):
+        yield chunk(i, first, True)
+    pumps = [asyncio.create_task(pump(i, rest)) for i, (_, rest) in enumerate(streams)]
     try:
-        async for message in rest:
-            last = message
-            yield chunk(message, False)
-    except Exception as exc:  # noqa: BLE001 - the status is already 200: report in-band, then end the stream
-        body = json.loads(failed(exc).body)
-        yield "data: " + json.dumps(body) + "\n\n"
-        return
+        open_choices = len(streams)
+        while open_choices:
+            index, item = await merged.get()
+            if item is None:
+                open_choices -= 1
+            elif isinstance(item, Exception):  # the status is already 200: report in-band, then end the stream
+                body = json.loads(failed(item).body)
+                yield "data: " + json.dumps(body) + "\n\n"
+                return
+            else:
+                lasts[index] = item
+                yield chunk(index, item, False)
+    finally:
+        for task in pumps:
+            task.cancel()
     if include_usage:
         yield "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": model, "choices": [],
-                                     "usage": _usage(last)}) + "\n\n"
+                                     "usage": _usage(lasts)}) + "\n\n"
     yield "data: [DONE]\n\n"

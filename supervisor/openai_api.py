@@ -10,9 +10,17 @@ from ksleep.worker.errors import ValidationError
 from ksleep.worker.limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 
 
+MAX_CHOICES = 16  # n
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]  # plain text is what is generated; json_object / json_schema are refused (400)
+
+
 class _Sampling(BaseModel):
     # Unknown fields are refused rather than silently ignored; the few that clients send with neutral values
-    # (n=1, user, echo=false, logprobs=null...) are accepted.
+    # (user, echo=false, logprobs=null, response_format text...) are accepted.
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
@@ -30,7 +38,8 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, bool] | None = None
-    n: Literal[1] = 1
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)  # choices, generated together in the batch (seed + i each)
+    response_format: ResponseFormat | None = None
     user: str | None = None
     logprobs: Literal[None, False] = None
     presence_penalty: Literal[0, 0.0] = 0
@@ -52,6 +61,18 @@ class _Sampling(BaseModel):
         if self.max_completion_tokens is not None:
             fields["max_tokens"] = self.max_completion_tokens
         return common_pb2.SamplingParams(stop=self.stop or [], stop_token_ids=self.stop_token_ids or [], **fields)
+
+    def choice_requests(self) -> list[ksleep_pb2.GenerateRequest]:
+        """One request per choice (n); with a seed, choice i draws with seed + i."""
+        first = self.request_pb()
+        out = [first]
+        for i in range(1, self.n):
+            other = ksleep_pb2.GenerateRequest()
+            other.CopyFrom(first)
+            if first.params.HasField("seed"):
+                other.params.seed = (first.params.seed + i) % 2**63
+            out.append(other)
+        return out
 
     @property
     def include_usage(self) -> bool:

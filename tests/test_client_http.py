@@ -153,7 +153,7 @@ def test_openai_client_completions_and_chat_match_grpc(daemon, client):
 @pytest.mark.parametrize("body", [
     "not json", '{"prompt": 5}', '{"prompt": "x", "max_tokens": -1}', '{"prompt": "x", "temperature": "hot"}',
     '{"prompt": "x", "top_p": 1.5}', '{"prompt": "x", "unknown_field": 1}', '{"prompt": ""}', '[]',
-    '{"prompt": "x", "max_tokens": 100000}', '{"prompt": "x", "n": 3}',
+    '{"prompt": "x", "max_tokens": 100000}', '{"prompt": "x", "n": 17}',
     '{"prompt": "x", "max_tokens": 4, "max_completion_tokens": 5}', '{"prompt": "x", "min_tokens": 9, "max_tokens": 4}',
     '{"prompt": "x", "repetition_penalty": 0}', '{"prompt": "x", "stop_token_ids": [-2]}',
 ])
@@ -243,6 +243,25 @@ def test_vllm_sampling_extensions_are_accepted_on_both_endpoints(daemon):
     chat = httpx.post(daemon.http + "/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **extras})
     assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 8, chat.text
+
+
+def test_n_choices_are_generated_together_and_match_single_requests(daemon):
+    url = daemon.http + "/v1/completions"
+    body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0.8, "seed": 11, "response_format": {"type": "text"}}
+    three = httpx.post(url, json={**body, "n": 3}, timeout=60).json()
+    assert [c["index"] for c in three["choices"]] == [0, 1, 2]
+    singles = [httpx.post(url, json={**body, "seed": 11 + i}, timeout=60).json()["choices"][0]["text"] for i in range(3)]
+    assert [c["text"] for c in three["choices"]] == singles  # choice i draws with seed + i
+    assert three["usage"]["completion_tokens"] == 18
+    streamed: dict[int, str] = {}
+    with httpx.stream("POST", url, json={**body, "n": 3, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                streamed[choice["index"]] = streamed.get(choice["index"], "") + choice["text"]
+    assert [streamed[i] for i in range(3)] == singles
+    refused = httpx.post(url, json={**body, "response_format": {"type": "json_object"}})
+    assert refused.status_code == 400 and "response_format" in refused.text
 
 
 def test_liveness_and_readiness_routes(daemon):
