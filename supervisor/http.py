@@ -169,21 +169,24 @@ def build_app(config: DaemonConfig, service: KsleepService) -> FastAPI:
                                      media_type="text/event-stream")
 
         async def drain(first, rest):
-            texts, last = [first.token.text], first
+            tokens = [first.token]
+            last = first
             async for message in rest:
-                texts.append(message.token.text)
+                tokens.append(message.token)
                 last = message
-            return "".join(texts), last
+            return tokens, last
 
         try:
             results = await asyncio.gather(*(drain(first, rest) for first, rest in streams))
         except Exception as exc:  # noqa: BLE001
             return failed(exc)
         choices = []
-        for i, (text, last) in enumerate(results):
-            finish = OPENAI_FINISH.get(finish_name(last.token.finish_reason))
-            choices.append({"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                           if chat else {"index": i, "text": text, "logprobs": None, "finish_reason": finish})
+        for i, (tokens, last) in enumerate(results):
+            text, finish = "".join(t.text for t in tokens), OPENAI_FINISH.get(finish_name(last.token.finish_reason))
+            logprobs = _logprobs(tokens, chat)
+            choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                            "finish_reason": finish} if chat
+                           else {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish})
         return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": model_name, "choices": choices, "usage": _usage([last for _, last in results])}
 
@@ -280,6 +283,23 @@ def build_app(config: DaemonConfig, service: KsleepService) -> FastAPI:
     return app
 
 
+def _logprobs(tokens, chat: bool) -> dict | None:
+    """OpenAI's logprobs object for these tokens (None unless the request asked): chat's `content` list, or the
+    completions API's parallel lists."""
+    if not tokens or not tokens[0].HasField("logprob"):
+        return None
+    if chat:
+        def entry(t):
+            return {"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())}
+        return {"content": [{**entry(t.logprob), "top_logprobs": [entry(a) for a in t.top_logprobs]} for t in tokens]}
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t.text)
+    return {"tokens": [t.logprob.text for t in tokens], "token_logprobs": [t.logprob.logprob for t in tokens],
+            "top_logprobs": [{a.text: a.logprob for a in t.top_logprobs} for t in tokens], "text_offset": offsets}
+
+
 def _usage(lasts: list[ksleep_pb2.GenerateResponse]) -> dict:
     """Usage of all choices: the prompt once, every choice's completion tokens."""
     prompt = lasts[0].summary.prompt_tokens
@@ -293,11 +313,12 @@ async def _sse(streams, chat: bool, ident: str, created: int, model: str, includ
 
     def chunk(index: int, message: ksleep_pb2.GenerateResponse, first_chunk: bool) -> str:
         finish = OPENAI_FINISH.get(finish_name(message.token.finish_reason))
+        logprobs = _logprobs([message.token], chat)
         if chat:
             delta = {"role": "assistant", "content": message.token.text} if first_chunk else {"content": message.token.text}
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": index, "text": message.token.text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": message.token.text, "logprobs": logprobs, "finish_reason": finish}
         return "data: " + json.dumps({"id": ident, "object": kind, "created": created, "model": model,
                                       "choices": [choice]}) + "\n\n"
 

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ksleep.v1 import common_pb2, ksleep_pb2
 from ksleep.worker.errors import ValidationError
-from ksleep.worker.limits import MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+from ksleep.worker.limits import MAX_LOGPROBS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 
 
 MAX_CHOICES = 16  # n
@@ -41,7 +41,6 @@ class _Sampling(BaseModel):
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)  # choices, generated together in the batch (seed + i each)
     response_format: ResponseFormat | None = None
     user: str | None = None
-    logprobs: Literal[None, False] = None
     presence_penalty: Literal[0, 0.0] = 0
     frequency_penalty: Literal[0, 0.0] = 0
 
@@ -60,7 +59,13 @@ class _Sampling(BaseModel):
                                                 "min_tokens", "repetition_penalty") if getattr(self, k) is not None}
         if self.max_completion_tokens is not None:
             fields["max_tokens"] = self.max_completion_tokens
+        if (alternatives := self.logprob_alternatives()) is not None:
+            fields["logprobs"] = alternatives
         return common_pb2.SamplingParams(stop=self.stop or [], stop_token_ids=self.stop_token_ids or [], **fields)
+
+    def logprob_alternatives(self) -> int | None:
+        """How many most likely tokens to return with each token (None: no logprobs)."""
+        return None
 
     def choice_requests(self) -> list[ksleep_pb2.GenerateRequest]:
         """One request per choice (n); with a seed, choice i draws with seed + i."""
@@ -82,6 +87,10 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: str | list[Annotated[int, Field(ge=0, lt=2**32)]] | list[str] = Field(min_length=1)
     echo: Literal[False] = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # the legacy API: alternatives per token
+
+    def logprob_alternatives(self) -> int | None:
+        return self.logprobs
 
     def request_pb(self) -> ksleep_pb2.GenerateRequest:
         prompt = self.prompt
@@ -103,6 +112,13 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    def logprob_alternatives(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValidationError("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def request_pb(self) -> ksleep_pb2.GenerateRequest:
         chat = common_pb2.Prompt.Chat(messages=[common_pb2.Prompt.ChatMessage(role=m.role, content=m.content)

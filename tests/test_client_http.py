@@ -264,6 +264,22 @@ def test_n_choices_are_generated_together_and_match_single_requests(daemon):
     assert refused.status_code == 400 and "response_format" in refused.text
 
 
+def test_logprobs_on_both_endpoints(daemon):
+    done = httpx.post(daemon.http + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "logprobs": 2}).json()
+    lp = done["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 4
+    assert all(len(top) <= 2 and x <= 0 for top, x in zip(lp["top_logprobs"], lp["token_logprobs"]))
+    chat = httpx.post(daemon.http + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "logprobs": True, "top_logprobs": 2}).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3 and all(len(c["top_logprobs"]) == 2 and c["logprob"] <= 0 and "bytes" in c for c in content)
+    plain = httpx.post(daemon.http + "/v1/completions", json={"prompt": PROMPT, "max_tokens": 2}).json()
+    assert plain["choices"][0]["logprobs"] is None
+    refused = httpx.post(daemon.http + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2})
+    assert refused.status_code == 400 and "logprobs" in refused.text
+
+
 def test_liveness_and_readiness_routes(daemon):
     http = httpx.Client(base_url=daemon.http)
     assert http.get("/health/live").json() == {"status": "ok"}

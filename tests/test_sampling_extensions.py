@@ -43,3 +43,33 @@ def test_repetition_penalty_pushes_towards_or_away_from_the_tokens_seen(open_eng
 def test_bad_extension_values_are_validation_errors(bad):
     with pytest.raises(ValidationError):
         SamplingParams(max_tokens=12, **bad)
+
+
+def test_logprobs_are_the_models_own_with_the_most_likely_alternatives(open_engine):
+    import math
+
+    import torch
+
+    engine = open_engine()
+    events = list(engine.generate(PROMPT, SamplingParams(max_tokens=6, logprobs=3)))
+    plain = greedy(engine, PROMPT, max_tokens=6, ignore_eos=False).token_ids
+    assert [e.token_id for e in events] == plain  # asking for logprobs changes no token
+    for e in events:
+        text, chosen = e.logprob
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0][0] == e.token_id  # greedy: the most likely
+        assert abs(e.top_logprobs[0][2] - chosen) < 1e-6 and chosen <= 0
+        assert [p for _, _, p in e.top_logprobs] == sorted((p for _, _, p in e.top_logprobs), reverse=True)
+        assert sum(math.exp(p) for _, _, p in e.top_logprobs) <= 1 + 1e-5
+        assert text == engine.tokenizer.decode([e.token_id])
+    # the first token's log-probability is the prompt's last position under the model
+    ids = torch.tensor([engine.tokenizer(PROMPT).input_ids])
+    config = engine.model.config
+    batch_attention, config._attn_implementation = config._attn_implementation, "sdpa"  # a plain forward
+    try:
+        with torch.inference_mode():
+            logits = engine.model(input_ids=ids).logits[0, -1].float()
+    finally:
+        config._attn_implementation = batch_attention
+    want = torch.log_softmax(logits, -1)[events[0].token_id].item()
+    assert abs(events[0].logprob[1] - want) < 0.05  # (bf16 forward, another attention path: close, not equal)
+    assert list(engine.generate(PROMPT, SamplingParams(max_tokens=2)))[0].logprob is None

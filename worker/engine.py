@@ -49,7 +49,7 @@ class Engine:
     def __init__(self, config: WorkerConfig):
         self.config = config
         self._outbox = Outbox()
-        self._pending: list[tuple[Sequence, int | BaseException]] = []  # a step's outcomes not yet sent
+        self._pending: list[tuple] = []  # a step's outcomes not yet sent: (sequence, token or error, logprobs or None)
         self._inflight: tuple[Step, Draw] | None = None  # a step queued on the device, not yet accounted
         self._pipeline = True  # queue each decode step before the one before it is accounted
         self._gather: tuple[int, float, float] | None = None  # (requests expected, hold at least until, at most)
@@ -144,7 +144,7 @@ class Engine:
         faults.step_delay()
         follow = self.scheduler.follow(step) if self._pipeline else None
         self._inflight = self._launch(follow, drawn.tokens) if follow is not None else None
-        self._pending = self.scheduler.complete(step, self.sampler.collect(drawn))
+        self._account(step, drawn)
         self._emit()
         self._outbox.flush()  # the tokens go out while the GPU runs the next step
 
@@ -171,18 +171,29 @@ class Engine:
         """Account the step in flight, if any, and send what it produced (before anything changes state)."""
         if self._inflight is not None:
             (step, drawn), self._inflight = self._inflight, None
-            self._pending = self.scheduler.complete(step, self.sampler.collect(drawn))
+            self._account(step, drawn)
         self._emit()
         self._outbox.flush()
+
+    def _account(self, step: Step, drawn: Draw) -> None:
+        """The step's outcomes, each with the log-probabilities its request asked for."""
+        tokens = self.sampler.collect(drawn)
+        asked = {step.rows[step.sampled[j]]: info for j, info in self.sampler.logprobs(drawn).items()}
+        self._pending = [(seq, token, asked.get(seq)) for seq, token in self.scheduler.complete(step, tokens)]
 
     def _emit(self) -> None:
         """Turn the last step's outcomes into events (text, stop strings) and hand them to their streams."""
         pending, self._pending = self._pending, []
         now = time.perf_counter()
-        for seq, token in pending:
+        for seq, token, logprobs in pending:
             if not isinstance(token, BaseException):
                 try:
                     event = seq.writer.push(token, now)
+                    if logprobs is not None:
+                        chosen, top = logprobs
+                        event.logprob = (self.tokenizer.decode([token]), chosen)
+                        event.top_logprobs = tuple((i, self.tokenizer.decode([i]), p)
+                                                   for i, p in top[:seq.params.logprobs])
                 except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer that cannot decode: this request fails
                     token = exc
             if isinstance(token, BaseException):

@@ -12,7 +12,7 @@ from tokenizers.decoders import DecodeStream
 from ksleep.v1 import common_pb2
 
 from .errors import ValidationError
-from .limits import MAX_MESSAGES, MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS, MAX_STOP_STRINGS
+from .limits import MAX_MESSAGES, MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS, MAX_STOP_STRINGS, MAX_LOGPROBS
 from .names import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, FINISH_TO_PB  # noqa: F401 - FINISH_STOP: re-exported
 
 
@@ -30,6 +30,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens are out
     repetition_penalty: float = 1.0  # 1: off
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # with each token: its log-probability and this many alternatives
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -47,6 +48,9 @@ class SamplingParams:
         if (not isinstance(self.repetition_penalty, (int, float)) or not math.isfinite(self.repetition_penalty)
                 or self.repetition_penalty <= 0):
             raise ValidationError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValidationError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         self.stop_token_ids = tuple(self.stop_token_ids)
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or any(
                 isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
@@ -66,7 +70,7 @@ class SamplingParams:
     def from_pb(cls, pb: common_pb2.SamplingParams) -> SamplingParams:
         """Unset fields take the defaults; values are validated (ValueError) as for a direct call."""
         fields = {name: getattr(pb, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos",
-                                                       "min_tokens", "repetition_penalty") if pb.HasField(name)}
+                                                       "min_tokens", "repetition_penalty", "logprobs") if pb.HasField(name)}
         return cls(stop=tuple(pb.stop), stop_token_ids=tuple(pb.stop_token_ids), **fields)
 
     @property
@@ -128,10 +132,16 @@ class TokenEvent:
     text: str
     finish_reason: str | None
     elapsed: float  # seconds from the request's start to this token being known on the host
+    logprob: tuple[str, float] | None = None  # (the token decoded alone, its log-probability), when asked for
+    top_logprobs: tuple[tuple[int, str, float], ...] = ()  # (id, text, log-probability), most likely first
 
     def to_pb(self) -> common_pb2.Token:
-        return common_pb2.Token(index=self.index, id=self.token_id, text=self.text,
-                                finish_reason=FINISH_TO_PB[self.finish_reason], elapsed_seconds=self.elapsed)
+        pb = common_pb2.Token(index=self.index, id=self.token_id, text=self.text,
+                              finish_reason=FINISH_TO_PB[self.finish_reason], elapsed_seconds=self.elapsed,
+                              top_logprobs=[common_pb2.TokenLogprob(id=i, text=t, logprob=p) for i, t, p in self.top_logprobs])
+        if self.logprob is not None:
+            pb.logprob.CopyFrom(common_pb2.TokenLogprob(id=self.token_id, text=self.logprob[0], logprob=self.logprob[1]))
+        return pb
 
 
 @dataclass(slots=True)

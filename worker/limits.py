@@ -3,6 +3,7 @@ settings' ranges and the KV cache size's syntax, checked alike by ksleepd's and 
 the caps on a request that both faces (gRPC and HTTP) apply before a request is admitted."""
 from __future__ import annotations
 
+MAX_LOGPROBS = 20  # most likely tokens returned per position
 MAX_STOP_TOKEN_IDS = 64  # stop_token_ids per request
 MAX_STOP_STRINGS = 16  # stop strings per request
 MAX_STOP_CHARS = 256  # characters per stop string

@@ -31,6 +31,7 @@ class Sampler:
         if not rows:
             return None
         picked = logits[rows] if len(rows) != logits.shape[0] else logits
+        raw = picked  # the model's own distribution, for logprobs (shaping below works on a copy)
         errors: dict[int, BaseException] = {}
         if any(seq.params.needs_history for seq in seqs):
             picked = picked.clone()  # (the forward's logits are inference tensors: shaped on a copy)
@@ -50,8 +51,9 @@ class Sampler:
                 tokens[j] = torch.multinomial(probs, 1, generator=seq.generator)[0, 0]
             except Exception as exc:  # noqa: BLE001 - e.g. logits that are not finite: this request alone fails
                 errors[j] = exc
+        logprobs = self._logprobs(raw, tokens, seqs)
         if not self._cuda:
-            return Draw(tokens, tokens, None, errors)
+            return Draw(tokens, tokens, None, errors, logprobs)
         n = tokens.numel()
         turn, self._turn = self._turn, self._turn ^ 1
         if self._host[turn].numel() < n:
@@ -60,7 +62,7 @@ class Sampler:
         host.copy_(tokens, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return Draw(tokens, host, ready, errors)
+        return Draw(tokens, host, ready, errors, logprobs)
 
     def _shape(self, picked: torch.Tensor, j: int, seq: Sequence, ahead: int) -> None:
         """vLLM's min_tokens (EOS and stop_token_ids masked until that many tokens are out) and repetition penalty
@@ -77,6 +79,29 @@ class Sampler:
             if banned:
                 row[0, banned] = float("-inf")
 
+    @staticmethod
+    def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]):
+        """(rows, chosen, top values, top ids) on the device for the rows that asked for logprobs, else None."""
+        rows = [j for j, seq in enumerate(seqs) if seq.params.logprobs is not None]
+        if not rows:
+            return None
+        index = torch.tensor(rows, device=raw.device)
+        lp = torch.log_softmax(raw.index_select(0, index).float(), dim=-1)
+        chosen = lp.gather(1, tokens.index_select(0, index).unsqueeze(1)).squeeze(1)
+        k = max(seqs[j].params.logprobs for j in rows)
+        top = lp.topk(k, dim=-1) if k else None
+        return rows, chosen, top
+
+    @staticmethod
+    def logprobs(drawn: Draw | None) -> dict[int, tuple[float, list[tuple[int, float]]]]:
+        """After `collect`: sampled index -> (the drawn token's log-probability, [(id, log-probability)] of the
+        most likely tokens, as many as its request asked for)."""
+        if drawn is None or drawn.logprobs is None:
+            return {}
+        rows, chosen, top = drawn.logprobs
+        values, ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ([[]] * len(rows), [[]] * len(rows))
+        return {j: (c, list(zip(i, v))) for j, c, i, v in zip(rows, chosen.tolist(), ids, values)}
+
     def collect(self, drawn: Draw | None) -> list[int | BaseException]:
         if drawn is None:
             return []
@@ -91,3 +116,4 @@ class Draw:
     host: torch.Tensor  # their copy on the host (valid once `ready`)
     ready: torch.cuda.Event | None
     errors: dict[int, BaseException]
+    logprobs: tuple | None = None  # (rows, chosen, topk) on the device, for the rows that asked
