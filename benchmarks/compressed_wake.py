@@ -23,6 +23,7 @@ import torch
 
 from ksleep.worker import Engine, SamplingParams, WorkerConfig
 from ksleep.worker import compressed
+from ksleep.worker.fill import Chunk
 from worker_core import CopyProbe, GiB, PROMPT
 
 
@@ -89,7 +90,7 @@ def decoder_speed(engine: Engine, device: torch.device, reps: int = 20) -> dict:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    arena = engine.arena.chunk_bytes(compressed.Chunk("", entry.start, entry.end))
+    arena = engine.arena.chunk_bytes(Chunk("", entry.start, entry.end))
     return {"chunk_out_bytes": out.numel(), "chunk_record_bytes": entry.nbytes, "best_GBps": out.numel() / min(times) / 1e9,
             "median_GBps": out.numel() / statistics.median(times) / 1e9, "exact": bool(torch.equal(out, arena)),
             "dfloat11_GBps_from_issue": 517.0}

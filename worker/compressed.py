@@ -22,7 +22,7 @@ import torch
 
 from . import codec, codec_triton
 from .errors import DeviceMemoryError
-from .fill import Chunk, plan_chunks
+from .fill import plan_chunks
 from .layout import ArenaLayout
 
 log = logging.getLogger(__name__)
