@@ -81,6 +81,7 @@ class Status:
     weights: dict = field(default_factory=dict)  # {"number": updates so far, "source": model or checkpoint directory}
     models: list = field(default_factory=list)  # with several models: each one's Status (the first the default)
     model_switches: int = 0  # models put to sleep to make room for another
+    scale_outs: int = 0  # sleeping replicas woken because every awake one was busy
 
     @classmethod
     def from_pb(cls, pb: ksleep_pb2.StatusResponse) -> Status:
@@ -99,7 +100,7 @@ class Status:
             pb.uptime_seconds, pb.configured_sleep_level, pb.version, pb.standby_pid, history,
             batch_dict(pb.batch) if pb.HasField("batch") else None,
             {"number": pb.weights.number, "source": pb.weights.source},
-            [cls.from_pb(m) for m in pb.models], pb.model_switches,
+            [cls.from_pb(m) for m in pb.models], pb.model_switches, pb.scale_outs,
         )
 
     def to_dict(self) -> dict:

@@ -21,7 +21,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # what a [[models]] table may set for its model; the rest (addresses, limits, the control token) is the daemon's
 PER_MODEL = frozenset({"keep_layers", "sleep_level", "idle_timeout", "cuda_graphs", "fused_kernels", "kv_cache",
                        "max_batch", "max_queue", "prefill_chunk", "pool_format", "dtype", "standby",
-                       "trust_remote_code", "verify_wakes", "vmm", "seed", "served_name"})
+                       "trust_remote_code", "verify_wakes", "vmm", "seed", "served_name", "replicas", "devices",
+                       "scale_out_at"})
 
 
 def runtime_dir() -> Path:
@@ -74,6 +75,9 @@ class DaemonConfig:
     control_token: str = field(default="", metadata={"help": "require 'authorization: Bearer TOKEN' for Sleep/WakeUp (gRPC) and /sleep, /wake_up (HTTP)"})
     served_name: str = field(default="", metadata={"help": "the name requests use for the model (OpenAI `model`); default: --model"})
     seed: int = field(default=0, metadata={"help": "seed of synthetic:<preset> weights (two synthetic models of one preset differ by their seed)"})
+    replicas: int = field(default=1, metadata={"help": "workers serving the model, one per device of --devices (or all on --device): requests go to the least loaded awake one; a sleeping one wakes when every awake one has --scale-out-at requests"})
+    devices: str = field(default="", metadata={"help": "comma-separated devices of the replicas (cuda:0,cuda:1); sets --replicas to their number"})
+    scale_out_at: int = field(default=0, metadata={"help": "requests in flight on every awake replica before a sleeping one is woken (0: --max-batch)"})
     max_awake: int = field(default=0, metadata={"help": "with several models (--model A --model B): at most this many awake at once; waking another first puts the least recently used to sleep (0: as many as device memory holds)"})
     # Several models: each entry {"model": name, and any of PER_MODEL}; `model` is the first. From repeated --model
     # flags or the TOML file's [[models]] tables (not a flag of its own).
@@ -81,6 +85,7 @@ class DaemonConfig:
 
     def __post_init__(self) -> None:
         self._check_models()
+        self._check_replicas()
         device = self.device
         if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
             raise ValueError(f"device {device!r} is not one of {DEVICES_HELP}")
@@ -118,6 +123,19 @@ class DaemonConfig:
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"listen {self.listen!r} is neither unix:/path nor HOST:PORT")
 
+    def _check_replicas(self) -> None:
+        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or not 1 <= self.replicas <= 64:
+            raise ValueError(f"replicas must be an integer in [1, 64], got {self.replicas!r}")
+        if isinstance(self.scale_out_at, bool) or not isinstance(self.scale_out_at, int) or self.scale_out_at < 0:
+            raise ValueError(f"scale_out_at must be an integer >= 0, got {self.scale_out_at!r}")
+        if self.devices:
+            devices = [d.strip() for d in self.devices.split(",")]
+            if any(not d for d in devices) or len(set(devices)) != len(devices):
+                raise ValueError(f"devices {self.devices!r} must name distinct devices, comma-separated")
+            if self.replicas not in (1, len(devices)):
+                raise ValueError(f"replicas={self.replicas} disagrees with the {len(devices)} devices given")
+            self.replicas = len(devices)
+
     def _check_models(self) -> None:
         if isinstance(self.max_awake, bool) or not isinstance(self.max_awake, int) or self.max_awake < 0:
             raise ValueError(f"max_awake must be an integer >= 0, got {self.max_awake!r}")
@@ -140,11 +158,18 @@ class DaemonConfig:
         """What requests call this model."""
         return self.served_name or self.model
 
+    @property
+    def replica_devices(self) -> list[str]:
+        """The device of each replica."""
+        if self.devices:
+            return [d.strip() for d in self.devices.split(",")]
+        return [self.device] * self.replicas
+
     def model_configs(self) -> list[DaemonConfig]:
-        """One configuration per model served, the first one the default (just this one without [[models]])."""
-        if not self.models:
-            return [self]
-        return [replace(self, models=(), **spec) for spec in self.models]
+        """One configuration per worker: per model served (the first one the default), per replica of it."""
+        models = [replace(self, models=(), **spec) for spec in self.models] if self.models else [self]
+        return [replace(m, device=device, devices="", replicas=1) if len(m.replica_devices) > 1 else m
+                for m in models for device in m.replica_devices]
 
     @classmethod
     def load(cls, flags: dict, environ: dict | None = None, toml_path: str | None = None) -> DaemonConfig:

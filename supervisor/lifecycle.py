@@ -59,7 +59,8 @@ class WorkerAsleepError(KsleepError):
 class Lifecycle(Workers, Admission, Sampling, Updates):
     def __init__(self, config: DaemonConfig, metrics: Metrics | None = None, tag: int = 0):
         self.config = config
-        self.tag = tag  # this model's number in the daemon (its workers' socket names)
+        self.tag = tag  # this worker's number in the daemon (its workers' socket names)
+        self.replica = 0  # its number among the replicas of its model (set by the registry)
         self.switch = None  # set by the registry: wakes this model once the device has room for it
         self.metrics = metrics or Metrics()
         self.metrics.watch(self)

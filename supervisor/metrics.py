@@ -60,12 +60,12 @@ class Metrics:
         self._collector.lifecycles.append(lifecycle)
 
     def request_done(self, model: str, ttft: float, total: float, gaps: list[float], prompt_tokens: int,
-                     completion_tokens: int, finish: str | None) -> None:
+                     completion_tokens: int, finish: str | None, replica: int = 0) -> None:
         """A request that ended with its last token (measured in ksleepd: arrival to first and last token)."""
         self.ttft_seconds.observe(ttft)
         self.request_seconds.observe(total)
         self.tokens.inc(completion_tokens)
-        engine = (model, "0")
+        engine = (model, str(replica))
         self.vllm_ttft.labels(*engine).observe(ttft)
         self.vllm_e2e.labels(*engine).observe(total)
         itl = self.vllm_itl.labels(*engine)
@@ -91,15 +91,17 @@ class _LifecycleCollector:
         for lc in self.lifecycles:
             now, model = lc.snapshot(), lc.config.name  # every figure of a model from one reading
 
+            replica = str(lc.replica)
+
             def add(kind, name: str, doc: str, value: float, **extra: str) -> None:
                 if name not in families:
-                    families[name] = kind(name, doc, labels=["model", *extra])
-                families[name].add_metric([model, *extra.values()], value)
+                    families[name] = kind(name, doc, labels=["model", "replica", *extra])
+                families[name].add_metric([model, replica, *extra.values()], value)
 
             def vllm(kind, name: str, doc: str, value: float, **extra: str) -> None:
                 if name not in families:
                     families[name] = kind(name, doc, labels=["model_name", "engine", *extra])
-                families[name].add_metric([model, "0", *extra.values()], value)
+                families[name].add_metric([model, replica, *extra.values()], value)
 
             current = state_name(now.state)
             for state in STATES:

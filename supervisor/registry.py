@@ -4,7 +4,9 @@ A request names its model (the first is the default). A model that must wake whi
 awake, or while the device has no room for it beside them, first puts the least recently used awake model to
 sleep at level 1 (its requests in flight finish first, for at most its --drain-timeout; requests that arrive for
 it meanwhile wait for its next wake): a switch is one sleep plus one wake, never a reload while the pool exists.
-Switches run one at a time. A single model is a registry of one.
+Switches run one at a time. A model may have several replicas (workers on several devices, or several on one),
+all attached to its one pool: requests go to the least loaded awake replica, a replica sleeps on its own idle
+timeout, and under load a sleeping one wakes (`route`). A single model is a registry of one.
 """
 from __future__ import annotations
 
@@ -30,13 +32,19 @@ class UnknownModelError(ValidationError):
 
 class ModelRegistry:
     def __init__(self, lifecycles: list[Lifecycle], max_awake: int = 0):
-        self.lifecycles = {lc.config.name: lc for lc in lifecycles}
+        self.replicas: dict[str, list[Lifecycle]] = {}  # per model, its workers (one per device, or several on one)
+        for lc in lifecycles:
+            group = self.replicas.setdefault(lc.config.name, [])
+            lc.replica = len(group)  # (vLLM's `engine` label)
+            group.append(lc)
+        self.lifecycles = {name: group[0] for name, group in self.replicas.items()}  # each model's first replica
         self.default = lifecycles[0]
         self.max_awake = max_awake
         self._switching = asyncio.Lock()
         self.switches = 0  # models put to sleep to make room for another
-        for lc in lifecycles:
-            lc.switch = self._switch_in if len(lifecycles) > 1 else None
+        self.scale_outs = 0  # sleeping replicas woken because every awake one was busy
+        for lc in lifecycles:  # (replicas of one model sit on their own devices: they wake in parallel)
+            lc.switch = self._switch_in if len(self.replicas) > 1 else None
 
     @classmethod
     def from_config(cls, config: DaemonConfig, metrics: Metrics | None = None) -> ModelRegistry:
@@ -56,8 +64,28 @@ class ModelRegistry:
             raise UnknownModelError(f"model {name!r} is not served here; served: {', '.join(self.lifecycles)}")
         return lc
 
+    def route(self, name: str | None) -> Lifecycle:
+        """The replica of model `name` a new request goes to: the least loaded awake one, unless every awake one
+        has --scale-out-at requests in flight and one sleeps (scale-out is a wake); none awake: one that is
+        waking, else the first asleep. The validation of `name` is get()'s."""
+        group = self.replicas[self.get(name).config.name]
+        if len(group) == 1:
+            return group[0]
+        awake = [lc for lc in group if lc.state == S.STATE_AWAKE]
+        asleep = [lc for lc in group if lc.state == S.STATE_ASLEEP]
+        if awake:
+            least = min(awake, key=lambda lc: lc.in_flight)
+            limit = least.config.scale_out_at or least.config.max_batch
+            if least.in_flight >= limit and asleep:
+                self.scale_outs += 1
+                log.info("every awake replica of %s has %d+ requests: waking another", least.config.name, limit)
+                return asleep[0]
+            return least
+        waking = [lc for lc in group if lc.state in (S.STATE_WAKING, S.STATE_LOADING)]
+        return min(waking, key=lambda lc: lc.in_flight) if waking else (asleep or group)[0]
+
     def __iter__(self):
-        return iter(self.lifecycles.values())
+        return (lc for group in self.replicas.values() for lc in group)
 
     # -- start and stop -------------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -51,7 +51,7 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
 
     async def Generate(self, request: ksleep_pb2.GenerateRequest, context):
         arrived = time.time()
-        lifecycle = self.models.get(request.model)
+        lifecycle = self.models.route(request.model)
         self.check(request, lifecycle)  # before admission: a request refused here never wakes, spawns or queues anything
         # The worker's tokens go through a bounded buffer: a client that stops reading fills it, and the request
         # is then cancelled and its ticket returned (it holds up no sleep), instead of stalling on the write.
@@ -128,7 +128,7 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
                         prompt_tokens=prompt_tokens, completion_tokens=completion, ttft_seconds=ttft,
                         total_seconds=total, woke=ticket.woke, weights=weights))
                     self.metrics.request_done(lifecycle.config.name, ttft, total, gaps, prompt_tokens, completion,
-                                              finish_name(token.finish_reason))
+                                              finish_name(token.finish_reason), lifecycle.replica)
                 yield message
         except BaseException as exc:
             # A cancelled worker call raises CancelledError: ours when SLEEP_MODE_ABORT did it.
@@ -155,10 +155,12 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
         return ksleep_pb2.SleepResponse(sleep=results[0][0], aborted_requests=sum(a for _, a in results))
 
     async def WakeUp(self, request: ksleep_pb2.WakeUpRequest, context) -> ksleep_pb2.WakeUpResponse:
-        return ksleep_pb2.WakeUpResponse(wake=await self.models.get(request.model).wake())
+        return ksleep_pb2.WakeUpResponse(wake=await self.models.get(request.model).wake())  # (its first replica)
 
     async def UpdateWeights(self, request: ksleep_pb2.UpdateWeightsRequest, context) -> ksleep_pb2.UpdateWeightsResponse:
-        return await self.models.get(request.model).update_weights(request.directory, request.mode)
+        name = self.models.get(request.model).config.name
+        replies = [await lc.update_weights(request.directory, request.mode) for lc in self.models.replicas[name]]
+        return replies[0]  # (each replica swaps to the one new pool: the first built it, the others attach)
 
     async def Status(self, request: ksleep_pb2.StatusRequest, context) -> ksleep_pb2.StatusResponse:
         chosen = self.models.get(request.model)
@@ -173,9 +175,10 @@ def status_message(models: ModelRegistry | Lifecycle, include_history: bool = Fa
     if isinstance(models, Lifecycle):
         return models.snapshot(include_history).to_pb()
     out = (chosen or models.default).snapshot(include_history).to_pb()
-    if len(models.lifecycles) > 1:
-        out.models.extend(lc.snapshot().to_pb() for lc in models)
+    if len(list(models)) > 1:
+        out.models.extend(lc.snapshot().to_pb() for lc in models)  # every model, every replica
         out.model_switches = models.switches
+        out.scale_outs = models.scale_outs
     return out
 
 

@@ -66,3 +66,41 @@ def test_requests_pick_their_model_and_one_is_awake_at_a_time(two_models):
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and other in refused.value.details()
     daemon.stub.Sleep(ksleep_pb2.SleepRequest(level=1), timeout=60)  # no model named: every model sleeps
     assert awake(daemon.status()) == []
+
+
+def test_replicas_share_one_pool_take_the_load_and_scale_out_by_waking(tmp_path, prefix):
+    import threading
+
+    from .conftest import SHM
+
+    daemon = Daemon(tmp_path, prefix, "synthetic:tiny", "--replicas", "2", "--scale-out-at", "1",
+                    "--idle-timeout", "0").wait_ready()
+    try:
+        status = daemon.status()
+        workers = [m.worker_pid for m in status.models]
+        assert len(workers) == 2 and len(set(workers)) == 2 and 0 not in workers
+        assert len([p for p in SHM.glob(f"{prefix}*") if p.suffix == ".pool"]) == 1  # one host copy for both
+        baseline = daemon.ids()
+        daemon.stub.Sleep(ksleep_pb2.SleepRequest(level=1), timeout=60)  # both
+        assert daemon.ids() == baseline
+        assert len(awake(daemon.status())) == 1  # one request: one replica woke
+        results, errors = [], []
+
+        def client():
+            try:
+                results.append(daemon.ids(request(max_tokens=24)))
+            except grpc.RpcError as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        status = daemon.status()
+        assert not errors and len(set(map(tuple, results))) == 1  # the same tokens from either replica
+        assert len(awake(status)) == 2 and status.scale_outs >= 1  # under load the sleeping one woke
+        assert all(m.wakes_total >= 1 for m in status.models)
+    finally:
+        assert daemon.stop() == 0
+    assert not list(SHM.glob(f"{prefix}*"))  # the last replica to stop removed the pool

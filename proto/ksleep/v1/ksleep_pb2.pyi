@@ -104,7 +104,7 @@ class MemorySample(_message.Message):
     def __init__(self, at_unix: _Optional[float] = ..., state: _Optional[_Union[_common_pb2.State, str]] = ..., device_used_bytes: _Optional[int] = ..., worker_device_bytes: _Optional[int] = ..., pool_bytes: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("state", "sleep_level", "model", "device", "weight_bytes", "device_used_bytes", "device_total_bytes", "worker_device_bytes", "pool_bytes", "worker_pid", "restarts", "in_flight", "idle_seconds", "idle_timeout_seconds", "last_sleep", "last_wake", "last_ttft_seconds", "sleeps_total", "wakes_total", "memory_source", "worker_load_source", "uptime_seconds", "configured_sleep_level", "version", "history", "last_restart", "worker_load_seconds", "worker_load_phases", "standby_pid", "batch", "weights", "models", "model_switches")
+    __slots__ = ("state", "sleep_level", "model", "device", "weight_bytes", "device_used_bytes", "device_total_bytes", "worker_device_bytes", "pool_bytes", "worker_pid", "restarts", "in_flight", "idle_seconds", "idle_timeout_seconds", "last_sleep", "last_wake", "last_ttft_seconds", "sleeps_total", "wakes_total", "memory_source", "worker_load_source", "uptime_seconds", "configured_sleep_level", "version", "history", "last_restart", "worker_load_seconds", "worker_load_phases", "standby_pid", "batch", "weights", "models", "model_switches", "scale_outs")
     class WorkerLoadPhasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class StatusResponse(_message.Message):
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     MODEL_SWITCHES_FIELD_NUMBER: _ClassVar[int]
+    SCALE_OUTS_FIELD_NUMBER: _ClassVar[int]
     state: _common_pb2.State
     sleep_level: int
     model: str
@@ -178,7 +179,8 @@ class StatusResponse(_message.Message):
     weights: _common_pb2.WeightsVersion
     models: _containers.RepeatedCompositeFieldContainer[StatusResponse]
     model_switches: int
-    def __init__(self, state: _Optional[_Union[_common_pb2.State, str]] = ..., sleep_level: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., device_used_bytes: _Optional[int] = ..., device_total_bytes: _Optional[int] = ..., worker_device_bytes: _Optional[int] = ..., pool_bytes: _Optional[int] = ..., worker_pid: _Optional[int] = ..., restarts: _Optional[int] = ..., in_flight: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., idle_timeout_seconds: _Optional[float] = ..., last_sleep: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., last_wake: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., last_ttft_seconds: _Optional[float] = ..., sleeps_total: _Optional[int] = ..., wakes_total: _Optional[int] = ..., memory_source: _Optional[str] = ..., worker_load_source: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., configured_sleep_level: _Optional[int] = ..., version: _Optional[str] = ..., history: _Optional[_Iterable[_Union[MemorySample, _Mapping]]] = ..., last_restart: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., worker_load_seconds: _Optional[float] = ..., worker_load_phases: _Optional[_Mapping[str, float]] = ..., standby_pid: _Optional[int] = ..., batch: _Optional[_Union[_common_pb2.BatchStats, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.WeightsVersion, _Mapping]] = ..., models: _Optional[_Iterable[_Union[StatusResponse, _Mapping]]] = ..., model_switches: _Optional[int] = ...) -> None: ...
+    scale_outs: int
+    def __init__(self, state: _Optional[_Union[_common_pb2.State, str]] = ..., sleep_level: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., device_used_bytes: _Optional[int] = ..., device_total_bytes: _Optional[int] = ..., worker_device_bytes: _Optional[int] = ..., pool_bytes: _Optional[int] = ..., worker_pid: _Optional[int] = ..., restarts: _Optional[int] = ..., in_flight: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., idle_timeout_seconds: _Optional[float] = ..., last_sleep: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., last_wake: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., last_ttft_seconds: _Optional[float] = ..., sleeps_total: _Optional[int] = ..., wakes_total: _Optional[int] = ..., memory_source: _Optional[str] = ..., worker_load_source: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., configured_sleep_level: _Optional[int] = ..., version: _Optional[str] = ..., history: _Optional[_Iterable[_Union[MemorySample, _Mapping]]] = ..., last_restart: _Optional[_Union[_common_pb2.Transition, _Mapping]] = ..., worker_load_seconds: _Optional[float] = ..., worker_load_phases: _Optional[_Mapping[str, float]] = ..., standby_pid: _Optional[int] = ..., batch: _Optional[_Union[_common_pb2.BatchStats, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.WeightsVersion, _Mapping]] = ..., models: _Optional[_Iterable[_Union[StatusResponse, _Mapping]]] = ..., model_switches: _Optional[int] = ..., scale_outs: _Optional[int] = ...) -> None: ...
 
 class UpdateWeightsRequest(_message.Message):
     __slots__ = ("directory", "mode", "model")
