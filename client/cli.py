@@ -52,7 +52,7 @@ def status_table(s: Status) -> Table:
                             f"weights {s.worker_load_source or '-'}, {s.restarts} restart(s)")
     if s.standby_pid:
         table.add_row("standby", f"pid {s.standby_pid}, warmed up and asleep")
-    table.add_row("pool", human(s.pool_bytes))
+    table.add_row("pool", human(s.pool_bytes) + (f" ({s.pool_format})" if s.pool_format else ""))
     if s.idle_timeout_seconds:
         left = max(0.0, s.idle_timeout_seconds - s.idle_seconds)
         idle = f"{s.idle_seconds:.1f} s of {s.idle_timeout_seconds:.0f} s" + (f" (sleeps in {left:.0f} s)" if s.state == "awake" else "")

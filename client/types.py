@@ -82,6 +82,7 @@ class Status:
     models: list = field(default_factory=list)  # with several models: each one's Status (the first the default)
     model_switches: int = 0  # models put to sleep to make room for another
     scale_outs: int = 0  # sleeping replicas woken because every awake one was busy
+    pool_format: str = ""  # "raw" or "compressed"
 
     @classmethod
     def from_pb(cls, pb: ksleep_pb2.StatusResponse) -> Status:
@@ -100,7 +101,7 @@ class Status:
             pb.uptime_seconds, pb.configured_sleep_level, pb.version, pb.standby_pid, history,
             batch_dict(pb.batch) if pb.HasField("batch") else None,
             {"number": pb.weights.number, "source": pb.weights.source},
-            [cls.from_pb(m) for m in pb.models], pb.model_switches, pb.scale_outs,
+            [cls.from_pb(m) for m in pb.models], pb.model_switches, pb.scale_outs, pb.pool_format,
         )
 
     def to_dict(self) -> dict:

@@ -69,7 +69,7 @@ class Snapshot:
             worker_pid=self.worker_pid, restarts=self.restarts, in_flight=self.in_flight,
             idle_seconds=self.idle_seconds, idle_timeout_seconds=self.idle_timeout,
             sleeps_total=self.sleeps_total, wakes_total=self.wakes_total, memory_source=self.memory_source,
-            worker_load_source=info.load_source if info else "", uptime_seconds=self.uptime_seconds,
+            worker_load_source=info.load_source if info else "", pool_format=info.pool_format if info else "", uptime_seconds=self.uptime_seconds,
             configured_sleep_level=self.configured_sleep_level, version=VERSION, standby_pid=self.standby_pid,
         )
         if latest is not None and latest.worker_device is not None:

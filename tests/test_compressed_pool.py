@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from ksleep.v1 import ksleep_pb2
 from ksleep.worker import Engine, SamplingParams
 
 from .conftest import PROMPT, SHM
@@ -115,3 +116,17 @@ def test_pool_format_settings_are_checked(make_config):
 def test_auto_is_raw_on_cpu(open_engine):
     engine = open_engine()
     assert engine.weights.pool_format == "raw"
+
+
+def test_the_daemon_reports_its_pool_format(tmp_path, prefix):
+    from .daemon import Daemon
+
+    daemon = Daemon(tmp_path, prefix, "synthetic:tiny", "--pool-format", "compressed", "--idle-timeout", "0").wait_ready()
+    try:
+        status = daemon.status()
+        assert status.pool_format == "compressed" and status.pool_bytes > 0
+        baseline = daemon.ids()
+        daemon.stub.Sleep(ksleep_pb2.SleepRequest(level=1), timeout=60)
+        assert daemon.ids() == baseline
+    finally:
+        daemon.stop()

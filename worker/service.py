@@ -91,6 +91,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             pool_name=engine.pool_name, load_source=report.pool, load_seconds=report.seconds,
             load_phases=report.phases, stable_addresses=report.stable_addresses, in_flight=engine.streams,
             context_tokens=engine.context_tokens, batch=batch_pb(engine), weights=engine.weights_version.to_pb(),
+            pool_format=engine.weights.pool_format,
         )
 
     async def UpdateWeights(self, request: worker_pb2.WorkerUpdateWeightsRequest, context):

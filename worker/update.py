@@ -98,8 +98,9 @@ def stage_pool(weights, source) -> tuple[WeightPool, str]:
             manifest = PoolManifest(name, source.identity, str(config.torch_dtype), layout, sums, time.time(),
                                     compressed.COMPRESSED, entries)
             pool = WeightPool.create(config.shm_dir, name, manifest.file_bytes)
-            for entry, record in zip(entries, records):
-                pool.tensor[entry.offset:entry.offset + entry.nbytes].copy_(record)
+            for i, entry in enumerate(entries):
+                pool.tensor[entry.offset:entry.offset + entry.nbytes].copy_(records[i])
+                records[i] = None  # freed as it lands
         else:
             manifest = PoolManifest(name, source.identity, str(config.torch_dtype), layout, sums, time.time())
         pool.publish(manifest)

@@ -118,8 +118,9 @@ class WeightStore:
                                 self._expected.cpu().numpy(), time.time(), compressed.COMPRESSED, entries)
         pool = WeightPool.create(self.config.shm_dir, self.pool_name, manifest.file_bytes)
         try:
-            for entry, record in zip(entries, records):
-                pool.tensor[entry.offset : entry.offset + entry.nbytes].copy_(record)
+            for i, entry in enumerate(entries):
+                pool.tensor[entry.offset : entry.offset + entry.nbytes].copy_(records[i])
+                records[i] = None  # freed as it lands: the host holds the pool and what is left to write
             if self.device.type == "cuda":
                 pool.pin(self.device)
                 pool.wait_pinned()

@@ -58,7 +58,7 @@ class WorkerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatusResponse(_message.Message):
-    __slots__ = ("state", "sleep_level", "model", "device", "device_uuid", "memory", "pid", "pool_name", "load_source", "load_seconds", "load_phases", "stable_addresses", "in_flight", "context_tokens", "batch", "weights")
+    __slots__ = ("state", "sleep_level", "model", "device", "device_uuid", "memory", "pid", "pool_name", "load_source", "load_seconds", "load_phases", "stable_addresses", "in_flight", "context_tokens", "batch", "weights", "pool_format")
     class LoadPhasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class WorkerStatusResponse(_message.Message):
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    POOL_FORMAT_FIELD_NUMBER: _ClassVar[int]
     state: _common_pb2.State
     sleep_level: int
     model: str
@@ -98,7 +99,8 @@ class WorkerStatusResponse(_message.Message):
     context_tokens: int
     batch: _common_pb2.BatchStats
     weights: _common_pb2.WeightsVersion
-    def __init__(self, state: _Optional[_Union[_common_pb2.State, str]] = ..., sleep_level: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., device_uuid: _Optional[str] = ..., memory: _Optional[_Union[_common_pb2.Memory, _Mapping]] = ..., pid: _Optional[int] = ..., pool_name: _Optional[str] = ..., load_source: _Optional[str] = ..., load_seconds: _Optional[float] = ..., load_phases: _Optional[_Mapping[str, float]] = ..., stable_addresses: _Optional[bool] = ..., in_flight: _Optional[int] = ..., context_tokens: _Optional[int] = ..., batch: _Optional[_Union[_common_pb2.BatchStats, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.WeightsVersion, _Mapping]] = ...) -> None: ...
+    pool_format: str
+    def __init__(self, state: _Optional[_Union[_common_pb2.State, str]] = ..., sleep_level: _Optional[int] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., device_uuid: _Optional[str] = ..., memory: _Optional[_Union[_common_pb2.Memory, _Mapping]] = ..., pid: _Optional[int] = ..., pool_name: _Optional[str] = ..., load_source: _Optional[str] = ..., load_seconds: _Optional[float] = ..., load_phases: _Optional[_Mapping[str, float]] = ..., stable_addresses: _Optional[bool] = ..., in_flight: _Optional[int] = ..., context_tokens: _Optional[int] = ..., batch: _Optional[_Union[_common_pb2.BatchStats, _Mapping]] = ..., weights: _Optional[_Union[_common_pb2.WeightsVersion, _Mapping]] = ..., pool_format: _Optional[str] = ...) -> None: ...
 
 class WorkerUpdateWeightsRequest(_message.Message):
     __slots__ = ("directory", "abort")
