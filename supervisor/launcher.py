@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import grpc
+import psutil
 
 from ksleep.v1 import forkserver_pb2, worker_pb2_grpc
 from ksleep.worker import framing
@@ -219,9 +220,13 @@ class WorkerHandle:
         return handle
 
     async def stop(self, grace: float) -> int:
-        """SIGTERM, then SIGKILL after `grace` seconds; returns the exit code."""
+        """SIGTERM, then SIGKILL after `grace` seconds; returns the exit code. Processes the worker started (a
+        compiler's helpers, say) are ended with it: none of ours outlives the worker."""
         self.stopping = True
+        children = []
         if not self.exited.done():
+            with contextlib.suppress(psutil.Error):
+                children = psutil.Process(self.pid).children(recursive=True)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGTERM)
             try:
@@ -231,5 +236,20 @@ class WorkerHandle:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pid, signal.SIGKILL)
                 await self.exited
+        if children:
+            await asyncio.to_thread(end_processes, children, grace)
         await self.channel.close()  # its socket went with its exit (_gone)
         return self.exited.result()
+
+
+def end_processes(processes: list[psutil.Process], grace: float) -> None:
+    """SIGTERM to those still alive, SIGKILL to those left after `grace` seconds (a bounded wait)."""
+    alive = [p for p in processes if p.is_running()]
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, left = psutil.wait_procs(alive, timeout=grace)
+    for p in left:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(left, timeout=grace)

@@ -1,5 +1,6 @@
 """Supervisor pieces that need no daemon: configuration, memory parsing, the error mapping."""
 import subprocess
+from pathlib import Path
 import sys
 
 import grpc
@@ -86,3 +87,30 @@ def test_finish_reasons_and_states_have_one_name_each_way():
     assert all(finish_name(pb) == name for name, pb in FINISH_TO_PB.items())
     assert set(FINISH_TO_PB.values()) == set(common_pb2.FinishReason.values())  # every wire value is named
     assert state_name(common_pb2.STATE_AWAKE) == "awake" and "asleep" in STATES and "unspecified" not in STATES
+
+
+def test_stopping_a_worker_also_ends_the_processes_it_started():
+    import asyncio
+    import subprocess
+    import time
+
+    import psutil
+
+    from ksleep.supervisor.launcher import WorkerHandle
+
+    async def run():
+        # a "worker" whose child would outlive it: bash dies of SIGTERM, its sleep would be orphaned
+        proc = subprocess.Popen(["bash", "-c", "sleep 3600 & wait"])
+        deadline = time.monotonic() + 10
+        while not psutil.Process(proc.pid).children() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        (child,) = psutil.Process(proc.pid).children()
+        exited = asyncio.get_running_loop().create_future()
+        handle = WorkerHandle(proc.pid, Path("/nonexistent/worker.sock"), exited)
+        asyncio.get_running_loop().run_in_executor(None, lambda: exited.get_loop().call_soon_threadsafe(
+            exited.set_result, proc.wait()))
+        await asyncio.wait_for(handle.stop(grace=5), 20)
+        return child
+
+    child = asyncio.run(run())
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
