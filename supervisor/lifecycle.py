@@ -230,21 +230,27 @@ class Lifecycle(Workers, Admission, Sampling, Updates):
             raise ValidationError(f"sleep level must be 1, 2 or 3, got {level}")
         with self._gate.closed():
             try:
-                aborted = 0
-                if mode != ksleep_pb2.SLEEP_MODE_ABORT:  # WAIT: the running requests may finish, for a bounded time
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._drain(), self.config.drain_timeout)
-                    if self._tickets:
-                        log.warning("%d request(s) still running after the %.0f s drain; aborting them",
-                                    len(self._tickets), self.config.drain_timeout)
-                for ticket in list(self._tickets):
-                    ticket.abort()
-                    aborted += 1
-                await self._drain()  # a cancelled call ends at once (its worker stream is closed)
+                aborted = await self._drain_or_abort(mode)
                 async with self._lock:
                     return await self._sleep_locked(level), aborted
             finally:
                 self._touch()
+
+    async def _drain_or_abort(self, mode: int) -> int:
+        """With admission closed: let the running requests finish for at most --drain-timeout (WAIT), then cancel
+        what is left (all of them for SLEEP_MODE_ABORT); returns how many were cancelled."""
+        if mode != ksleep_pb2.SLEEP_MODE_ABORT:  # WAIT: the running requests may finish, for a bounded time
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._drain(), self.config.drain_timeout)
+            if self._tickets:
+                log.warning("%d request(s) still running after the %.0f s drain; aborting them",
+                            len(self._tickets), self.config.drain_timeout)
+        aborted = 0
+        for ticket in list(self._tickets):
+            ticket.abort()
+            aborted += 1
+        await self._drain()  # a cancelled call ends at once (its worker stream is closed)
+        return aborted
 
     async def _sleep_locked(self, level: int) -> common_pb2.Transition:
         if self.state == S.STATE_ASLEEP and self.sleep_level >= level:

@@ -116,9 +116,9 @@ class _LifecycleCollector:
             batch = now.batch
             vllm(GaugeMetricFamily, "vllm:num_requests_running", "Number of requests in model execution batches.",
                  batch.running if batch is not None else 0)
+            # queued for the batch, or (not yet in the worker) for a wake
             vllm(GaugeMetricFamily, "vllm:num_requests_waiting", "Number of requests waiting to be processed.",
-                 (batch.waiting if batch is not None else 0) + max(0, now.in_flight - (batch.running + batch.waiting
-                                                                                      if batch is not None else 0)))
+                 max(batch.waiting, now.in_flight - batch.running) if batch is not None else now.in_flight)
             vllm(GaugeMetricFamily, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
                  batch.kv_used_tokens / batch.kv_cache_tokens if batch is not None and batch.kv_cache_tokens else 0.0)
             for name, doc, value in (("ksleep_sleeps", "Sleeps", now.sleeps_total), ("ksleep_wakes", "Wakes", now.wakes_total),

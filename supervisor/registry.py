@@ -37,7 +37,6 @@ class ModelRegistry:
             group = self.replicas.setdefault(lc.config.name, [])
             lc.replica = len(group)  # (vLLM's `engine` label)
             group.append(lc)
-        self.lifecycles = {name: group[0] for name, group in self.replicas.items()}  # each model's first replica
         self.default = lifecycles[0]
         self.max_awake = max_awake
         self._switching = asyncio.Lock()
@@ -45,6 +44,11 @@ class ModelRegistry:
         self.scale_outs = 0  # sleeping replicas woken because every awake one was busy
         for lc in lifecycles:  # (replicas of one model sit on their own devices: they wake in parallel)
             lc.switch = self._switch_in if len(self.replicas) > 1 else None
+
+    @property
+    def lifecycles(self) -> dict[str, Lifecycle]:
+        """Each model's first replica, by name."""
+        return {name: group[0] for name, group in self.replicas.items()}
 
     @classmethod
     def from_config(cls, config: DaemonConfig, metrics: Metrics | None = None) -> ModelRegistry:
@@ -57,18 +61,21 @@ class ModelRegistry:
 
     def get(self, name: str | None) -> Lifecycle:
         """The model called `name` (the default for None or ""); UnknownModelError naming those served."""
+        return self._group(name)[0]
+
+    def _group(self, name: str | None) -> list[Lifecycle]:
         if not name:
-            return self.default
-        lc = self.lifecycles.get(name)
-        if lc is None:
-            raise UnknownModelError(f"model {name!r} is not served here; served: {', '.join(self.lifecycles)}")
-        return lc
+            return self.replicas[self.default.config.name]
+        group = self.replicas.get(name)
+        if group is None:
+            raise UnknownModelError(f"model {name!r} is not served here; served: {', '.join(self.replicas)}")
+        return group
 
     def route(self, name: str | None) -> Lifecycle:
         """The replica of model `name` a new request goes to: the least loaded awake one, unless every awake one
         has --scale-out-at requests in flight and one sleeps (scale-out is a wake); none awake: one that is
         waking, else the first asleep. The validation of `name` is get()'s."""
-        group = self.replicas[self.get(name).config.name]
+        group = self._group(name)
         if len(group) == 1:
             return group[0]
         awake = [lc for lc in group if lc.state == S.STATE_AWAKE]

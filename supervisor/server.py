@@ -158,8 +158,8 @@ class KsleepService(ksleep_pb2_grpc.KsleepServicer):
         return ksleep_pb2.WakeUpResponse(wake=await self.models.get(request.model).wake())  # (its first replica)
 
     async def UpdateWeights(self, request: ksleep_pb2.UpdateWeightsRequest, context) -> ksleep_pb2.UpdateWeightsResponse:
-        name = self.models.get(request.model).config.name
-        replies = [await lc.update_weights(request.directory, request.mode) for lc in self.models.replicas[name]]
+        replicas = self.models.replicas[self.models.get(request.model).config.name]
+        replies = [await lc.update_weights(request.directory, request.mode) for lc in replicas]
         return replies[0]  # (each replica swaps to the one new pool: the first built it, the others attach)
 
     async def Status(self, request: ksleep_pb2.StatusRequest, context) -> ksleep_pb2.StatusResponse:

@@ -8,8 +8,6 @@ standby, a level-3 wake) loads the new weights, and Status and every Generate su
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from ksleep.v1 import common_pb2, ksleep_pb2, worker_pb2
@@ -37,18 +35,6 @@ class Updates:
         return ksleep_pb2.UpdateWeightsResponse(weights=reply.weights, seconds=reply.seconds,
                                                 stage_seconds=reply.stage_seconds, swap_seconds=reply.swap_seconds,
                                                 pool=reply.pool, aborted_requests=aborted)
-
-    async def _drain_or_abort(self, mode: int) -> int:
-        """Let the requests in flight finish for at most --drain-timeout (WAIT), then cancel what is left."""
-        if mode != ksleep_pb2.SLEEP_MODE_ABORT:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._drain(), self.config.drain_timeout)
-        aborted = 0
-        for ticket in list(self._tickets):
-            ticket.abort()
-            aborted += 1
-        await self._drain()
-        return aborted
 
     async def _update_locked(self, directory: str) -> worker_pb2.WorkerUpdateWeightsResponse:
         started = None

@@ -16,6 +16,7 @@ a wake restores (blocks are whole segments): keep_layers and partial restores pi
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import astuple, dataclass
 
 import torch
@@ -24,6 +25,7 @@ from . import codec, codec_triton
 from .errors import DeviceMemoryError
 from .fill import plan_chunks
 from .layout import ArenaLayout
+from .pool import PIN_CHUNK, PoolManifest, WeightPool
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,6 @@ class ChunkEntry:
 
 def resolve(pool_format: str, device: torch.device, dtype: torch.dtype) -> str:
     """The pool format to use: `auto` is compressed where the GPU decoder runs (bf16 weights), raw elsewhere."""
-    if pool_format == COMPRESSED and dtype != torch.bfloat16:
-        raise ValueError(f"pool_format=compressed codes bfloat16 weights; this model is loaded as {dtype}")
     if pool_format == COMPRESSED and device.type == "cuda":
         codec_triton.self_test(device)  # now, not in the first wake (False: decoded with plain torch, slowly)
     if pool_format != "auto":
@@ -111,8 +111,6 @@ def encode_chunk(data: torch.Tensor) -> tuple[int, int, torch.Tensor] | None:
 def encode_arena(layout: ArenaLayout, arena_bytes) -> tuple[list[ChunkEntry], list[torch.Tensor]]:
     """Code every chunk of the arena (`arena_bytes(chunk)`: its uint8 bytes, on the arena's device, where the
     encoder runs); returns the entries and each chunk's host record, laid out for one pool file."""
-    from .pool import PIN_CHUNK
-
     entries, records, offset = [], [], 0
     for chunk in plan_chunks(layout, [(0, layout.total_bytes)], CHUNK_BYTES):
         data = arena_bytes(chunk)
@@ -126,6 +124,31 @@ def encode_arena(layout: ArenaLayout, arena_bytes) -> tuple[list[ChunkEntry], li
         records.append(record)
         offset += record.numel()
     return entries, records
+
+
+def write_pool(shm_dir, name: str, identity: str, dtype: str, layout: ArenaLayout, block_sums, arena_bytes,
+               device: torch.device, pin: bool) -> WeightPool:
+    """Code the arena (`arena_bytes(chunk)` on `device`: see encode_arena) and publish it as the compressed pool
+    `name`, whose manifest carries `block_sums` of the decoded bytes; `pin` page-locks it for DMA first."""
+    entries, records = encode_arena(layout, arena_bytes)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the encoder's temporaries: room for the KV cache's pieces mapped later
+    manifest = PoolManifest(name, identity, dtype, layout, block_sums, time.time(), COMPRESSED, entries)
+    pool = WeightPool.create(shm_dir, name, manifest.file_bytes)
+    try:
+        for i, entry in enumerate(entries):
+            pool.tensor[entry.offset : entry.offset + entry.nbytes].copy_(records[i])
+            records[i] = None  # freed as it lands: the host holds the pool and what is left to write
+        if pin and device.type == "cuda":
+            pool.pin(device)
+            pool.wait_pinned()
+        pool.publish(manifest)
+    except BaseException:
+        pool.discard()
+        raise
+    log.info("compressed pool %s: %s bytes, %.3f of the arena's %s", name, f"{manifest.file_bytes:,}",
+             manifest.file_bytes / layout.total_bytes, f"{layout.total_bytes:,}")
+    return pool
 
 
 def decode_chunk(entry: ChunkEntry, record: torch.Tensor, dst: torch.Tensor) -> None:

@@ -33,14 +33,14 @@ class Sampler:
         picked = logits[rows] if len(rows) != logits.shape[0] else logits
         raw = picked  # the model's own distribution, for logprobs (shaping below works on a copy)
         errors: dict[int, BaseException] = {}
-        if any(seq.params.needs_history for seq in seqs):
+        shaped = [j for j, seq in enumerate(seqs) if seq.params.needs_history]
+        if shaped:
             picked = picked.clone()  # (the forward's logits are inference tensors: shaped on a copy)
-        for j, seq in enumerate(seqs):
-            if seq.params.needs_history:
-                try:
-                    self._shape(picked, j, seq, ahead)
-                except Exception as exc:  # noqa: BLE001 - this request alone fails
-                    errors[j] = exc
+        for j in shaped:
+            try:
+                self._shape(picked, j, seqs[j], ahead)
+            except Exception as exc:  # noqa: BLE001 - this request alone fails
+                errors[j] = exc
         tokens = picked.argmax(dim=-1)
         for j, seq in enumerate(seqs):
             if seq.warpers is None:

@@ -82,28 +82,16 @@ def stage_pool(weights, source) -> tuple[WeightPool, str]:
     pool = None if coded else WeightPool.create(config.shm_dir, name, layout.total_bytes)
     try:
         host = torch.zeros(layout.total_bytes, dtype=torch.uint8) if coded else pool.tensor
-        params = [s for s in layout.slots if s.kind == "param"]
         try:
-            source.write_weights(params, host, weights.device, config.load_threads)
+            weights.write_weights(source, host)
         except UnsupportedModelError as exc:  # a missing tensor or a wrong shape: the caller's weights are wrong
             raise ValidationError(f"the new weights do not fit the model: {exc}") from None
-        by_name = {s.name: s for s in layout.slots}
-        for buffer, value in weights.skeleton.buffer_values().items():
-            by_name[buffer].view(host).copy_(value)
         sums = block_sums(host).numpy()
         if coded:  # coded where the arena lives (on a GPU: fast), one chunk at a time
-            entries, records = compressed.encode_arena(layout, lambda c: host[c.start:c.end].to(weights.device))
-            if weights.device.type == "cuda":
-                torch.cuda.empty_cache()  # the encoder's temporaries
-            manifest = PoolManifest(name, source.identity, str(config.torch_dtype), layout, sums, time.time(),
-                                    compressed.COMPRESSED, entries)
-            pool = WeightPool.create(config.shm_dir, name, manifest.file_bytes)
-            for i, entry in enumerate(entries):
-                pool.tensor[entry.offset:entry.offset + entry.nbytes].copy_(records[i])
-                records[i] = None  # freed as it lands
-        else:
-            manifest = PoolManifest(name, source.identity, str(config.torch_dtype), layout, sums, time.time())
-        pool.publish(manifest)
+            return compressed.write_pool(config.shm_dir, name, source.identity, str(config.torch_dtype), layout, sums,
+                                         lambda c: host[c.start:c.end].to(weights.device), weights.device,
+                                         pin=False), "created"
+        pool.publish(PoolManifest(name, source.identity, str(config.torch_dtype), layout, sums, time.time()))
     except BaseException:
         if pool is not None:
             pool.discard()

@@ -81,74 +81,56 @@ class WeightStore:
         return "rebuilt" if how == "attached" and source == "source" else how
 
     def _build_pool(self) -> WeightPool:
-        """A new, unpublished pool filled from the model source (checkpoint reads or synthetic draws). A compressed
-        pool's raw bytes are first read into ordinary host memory; `_restore` codes them once they are on the
-        device and writes the pool then."""
-        if self.pool_format == compressed.COMPRESSED:
-            return self._write_source(torch.zeros(self.layout.total_bytes, dtype=torch.uint8), None)  # padding: zeros
+        """A new, unpublished raw pool filled from the model source (checkpoint reads or synthetic draws)."""
         pool = WeightPool.create(self.config.shm_dir, self.pool_name, self.layout.total_bytes)
         self.phases.mark("create_pool")
-        return self._write_source(pool.tensor, pool)
-
-    def _write_source(self, host: torch.Tensor, pool: WeightPool | None):
         try:
-            params = [s for s in self.layout.slots if s.kind == "param"]
-            self.source.write_weights(params, host, self.device, self.config.load_threads)
-            by_name = {s.name: s for s in self.layout.slots}
-            for name, value in self.skeleton.buffer_values().items():
-                by_name[name].view(host).copy_(value)
+            self.write_weights(self.source, pool.tensor)
             self.phases.mark("read_source")
-            if pool is not None and self.device.type == "cuda":  # after the fill: pinning written pages is ~3x faster
+            if self.device.type == "cuda":  # after the fill: pinning pages already written is ~3x faster
                 pool.pin(self.device)
                 pool.wait_pinned()
                 self.phases.mark("pin")
         except BaseException:
-            if pool is not None:
-                pool.discard()
-            raise
-        return pool if pool is not None else host
-
-    def _publish_compressed(self) -> WeightPool:
-        """Code the arena chunk by chunk (on its device) and write the compressed pool from the records."""
-        entries, records = compressed.encode_arena(self.layout, self.arena.chunk_bytes)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()  # the encoder's temporaries: room for the KV cache's pieces mapped later
-        self.phases.mark("encode")
-        manifest = PoolManifest(self.pool_name, self.source.identity, str(self.config.torch_dtype), self.layout,
-                                self._expected.cpu().numpy(), time.time(), compressed.COMPRESSED, entries)
-        pool = WeightPool.create(self.config.shm_dir, self.pool_name, manifest.file_bytes)
-        try:
-            for i, entry in enumerate(entries):
-                pool.tensor[entry.offset : entry.offset + entry.nbytes].copy_(records[i])
-                records[i] = None  # freed as it lands: the host holds the pool and what is left to write
-            if self.device.type == "cuda":
-                pool.pin(self.device)
-                pool.wait_pinned()
-            pool.publish(manifest)
-        except BaseException:
             pool.discard()
             raise
-        log.info("compressed pool %s: %s bytes, %.3f of the arena's %s", self.pool_name, f"{manifest.file_bytes:,}",
-                 manifest.file_bytes / self.layout.total_bytes, f"{self.layout.total_bytes:,}")
         return pool
+
+    def write_weights(self, source, host: torch.Tensor) -> None:
+        """The arena's bytes of `source`'s weights (and the model's buffers) into `host`, laid out as the arena."""
+        params = [s for s in self.layout.slots if s.kind == "param"]
+        source.write_weights(params, host, self.device, self.config.load_threads)
+        by_name = {s.name: s for s in self.layout.slots}
+        for name, value in self.skeleton.buffer_values().items():
+            by_name[name].view(host).copy_(value)
+
+    def _build_compressed(self, blocks: list[Block]) -> str:
+        """Read the source into ordinary host memory, fill the arena from it, code the arena where it lives and
+        write the compressed pool; the model is bound to the arena."""
+        host = torch.zeros(self.layout.total_bytes, dtype=torch.uint8)  # (the padding between slots: zeros)
+        self.write_weights(self.source, host)
+        self.phases.mark("read_source")
+        self.arena.fill(host, blocks, staging=self._staging_for(None)).finish()
+        del host
+        self.phases.mark("copy")
+        self._expected = self.arena.checksums()
+        self.pool = compressed.write_pool(self.config.shm_dir, self.pool_name, self.source.identity,
+                                          str(self.config.torch_dtype), self.layout, self._expected.cpu().numpy(),
+                                          self.arena.chunk_bytes, self.device, pin=True)
+        self.phases.mark("encode")  # (coding, writing and pinning the pool)
+        self.skeleton.bind(self.arena.views())
+        self._last_restore_verified = self._pool_verified = True
+        return "source"
 
     def _restore(self, blocks: list[Block], overlap: bool = False) -> str:
         """Copy `blocks` from the pool into the arena (building the pool first if there is none), verify, bind.
         With `overlap`, return once the copy is queued: the next forward runs behind it, layer by layer, and the
         verification is settled after that forward (see settle). (On CPU the copy is done by then; only the
         verification waits for the forward.)"""
-        built = self._build_pool() if self.pool is None else None
-        if isinstance(built, torch.Tensor):  # the raw bytes of a compressed pool, not yet written
-            self.arena.fill(built, blocks, staging=self._staging_for(None)).finish()
-            del built
-            self.phases.mark("copy")
-            self._expected = self.arena.checksums()
-            self.pool = self._publish_compressed()
-            self.skeleton.bind(self.arena.views())
-            self.phases.mark("checksum_publish_bind")
-            self._last_restore_verified = self._pool_verified = True
-            return "source"
-        self.pool = self.pool or built
+        if self.pool is None:
+            if self.pool_format == compressed.COMPRESSED:
+                return self._build_compressed(blocks)
+            self.pool = self._build_pool()
         pool = self.pool
         if pool.manifest is None:  # just built: checksum on the device, then publish
             self.arena.fill(pool.tensor, blocks).finish()
